@@ -1,0 +1,106 @@
+"""`scope`: the command-line entry point (generate, bench, calibrate, train)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+ACCEL_METHODS = ["none", "scope", "teacache", "flowcache", "taylorseer", "fbcache"]
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate one (long) video from a prompt",
+                       description="Generate a video with an AR diffusion-forcing model, optionally accelerated.")
+    p.add_argument("--model", default=None,
+                   help="model: omitted = the embedded procedural model; 'tiny' = a tiny random SkyReels-V2 DF "
+                        "model; a directory or fsspec URL (s3://...) holding config.json + *.safetensors")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
+    p.add_argument("--context", default=None,
+                   help="precomputed text embeddings (safetensors with 'context' [L, text_dim] and optionally "
+                        "'negative_context') for checkpoints whose text encoder is not built in")
+    p.add_argument("--frames", type=int, default=48, help="number of video frames to generate")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same video)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per frame (model default if omitted)")
+    p.add_argument("--shift", type=float, default=None, help="flow-matching shift (model default if omitted)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale; <= 1 disables the uncond branch")
+    p.add_argument("--ar-step", type=int, default=None, help="asynchronous step offset between causal blocks (0 = sync)")
+    p.add_argument("--causal-block-size", type=int, default=None, help="latent frames per causal block (chunk)")
+    p.add_argument("--base-frames", type=int, default=None, help="latent frames per segment (window)")
+    p.add_argument("--overlap", type=int, default=None, help="latent frames shared by consecutive segments")
+    p.add_argument("--accel", choices=ACCEL_METHODS, default="none", help="acceleration method")
+    p.add_argument("--accel-config", default=None, help="JSON file with accelerator settings (from `scope calibrate`)")
+    p.add_argument("--out", default="out/video.mp4", help="output mp4 (local path or fsspec URL)")
+    p.add_argument("--stats", default=None, help="write run statistics (JSON) here")
+    p.add_argument("--latents", default=None, help="also save the final latents (safetensors, tensor 'latents')")
+    p.add_argument("--fps", type=int, default=None, help="output frame rate")
+    p.add_argument("--backend", choices=["local", "ray"], default="local", help="run in-process or on a Ray cluster")
+    p.add_argument("--stages", type=int, default=1, help="pipeline stages per replica (ray backend)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas (ray backend)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="speed-quality bench of every acceleration method on the procedural model")
+    p.add_argument("target", nargs="?", default="accel", choices=["accel", "cluster"],
+                   help="accel: methods side by side; cluster: Ray vs in-process")
+    p.add_argument("--methods", default=",".join(ACCEL_METHODS), help="comma-separated methods")
+    p.add_argument("--prompts", type=int, default=4, help="number of held-out prompts")
+    p.add_argument("--frames", type=int, default=48, help="video frames per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep", default="default", choices=["none", "default", "wide"], help="threshold sweeps")
+    p.add_argument("--json", default="bench.json", help="results (list of objects)")
+    p.add_argument("--plot", default=None, help="speed-quality plot (png)")
+    p.add_argument("--model", default=None, help="model (default: the embedded procedural model)")
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="find the fastest SCOPE thresholds that keep a target PSNR")
+    p.add_argument("--model", default=None)
+    p.add_argument("--target-psnr", type=float, default=30.0)
+    p.add_argument("--prompts", type=int, default=3)
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--out", default="accel.json")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the small procedural model (diffusion forcing)")
+    p.add_argument("--out", default="pipelines/procedural/weights")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scope", description="SCOPE-Video: fast long-video generation "
+                                     "with autoregressive video diffusion (Cache / Predict / Recompute).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(sub)
+    _add_bench(sub)
+    _add_calibrate(sub)
+    _add_train(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            from jobs.generate import run_generate
+            run_generate(args)
+        elif args.command == "bench":
+            from jobs.bench import run_bench
+            run_bench(args)
+        elif args.command == "calibrate":
+            from jobs.calibrate import run_calibrate
+            run_calibrate(args)
+        elif args.command == "train":
+            from pipelines.procedural.train import run_train
+            run_train(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        # bad input: one clear line, no traceback
+        print(f"scope {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
