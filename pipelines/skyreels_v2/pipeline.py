@@ -1,0 +1,510 @@
+"""SkyReels-V2 diffusion-forcing (DF) sampling loop.
+
+`DFPipeline(model, accel).generate(noise, context, negative_context, schedule_args)`:
+plan segments -> sample each segment -> stitch. One segment:
+
+1. the timestep matrix (`schedule.generate_timestep_matrix`) and one UniPC state per latent frame;
+2. per row: slice the model window (`valid_interval`), optionally noise the clean prefix
+   (`addnoise_condition`), run the model for the "cond" and (when guidance > 1) "uncond" branches,
+   combine `v = v_u + g * (v_c - v_u)`;
+3. step the solver of every frame the row updates.
+
+Long videos (`overlap_frames` set and more latent frames than `base_num_frames`) are made of
+segments that overlap by `overlap_frames` latents; upstream's segment count and lengths. The
+overlap is kept in latent space by default (the previous segment's last latents become the next
+prefix, no VAE round trip); `PixelOverlap` gives the official behaviour (decode, take the last
+pixel frames, re-encode).
+
+The model is any callable `model(x [1,C,F,H,W], t=[1,F] int64, context=[1,L,D], fps=[id],
+(causal_block_size=cbs)) -> [1,C,F,H,W]`. Acceleration, when given, wraps every model call in
+`with accel.call(scope.hooks.CallContext(...))`; without it nothing from `scope` is imported.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipelines.skyreels_v2.schedule import TimestepMatrix, generate_timestep_matrix
+from pipelines.skyreels_v2.unipc import FlowUniPCSolver, make_flow_schedule
+
+__all__ = ["DFPipeline", "DFResult", "PixelOverlap", "RowRecord", "ScheduleArgs", "SegmentInfo",
+           "SegmentPlan", "fps_embedding_id", "plan_segments"]
+
+NoiseSource = torch.Tensor | Sequence[torch.Tensor] | torch.Generator | None
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class ScheduleArgs:
+    """Sampling settings, in latent frames. Defaults are `generate_video_df.py`'s."""
+
+    num_steps: int = 30
+    shift: float = 8.0
+    guidance_scale: float = 6.0          # CFG runs (two calls per row) only when > 1
+    ar_step: int = 0                     # 0 = synchronous; README async: 5 with cbs 5
+    causal_block_size: int = 1           # latent frames per schedule block (= accel chunk)
+    base_num_frames: int | None = None   # latent frames per model window / segment; None = all
+    overlap_frames: int | None = None    # latents shared by consecutive segments; None = one segment
+    addnoise_condition: int = 0          # > 0: noise the clean prefix to t = this (README: 20)
+    fps: int = 24                        # fps embedding id: 0 for 16 fps, else 1
+    causal_attention: bool = False       # block-causal attention (released models: off)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1 (default 30); got {self.num_steps!r}")
+        if not self.shift > 0:
+            raise ValueError(f"shift must be > 0 (8 for T2V, 3-5 for I2V); got {self.shift!r}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (<= 1 disables CFG; default 6); "
+                             f"got {self.guidance_scale}")
+        if not isinstance(self.ar_step, int) or self.ar_step < 0:
+            raise ValueError(f"ar_step must be an integer >= 0 (0 = synchronous, 5 = README async); "
+                             f"got {self.ar_step!r}")
+        if not isinstance(self.causal_block_size, int) or self.causal_block_size < 1:
+            raise ValueError(f"causal_block_size must be an integer >= 1; got {self.causal_block_size!r}")
+        if self.base_num_frames is not None and self.base_num_frames < self.causal_block_size:
+            raise ValueError(f"base_num_frames ({self.base_num_frames}) must be None or >= "
+                             f"causal_block_size ({self.causal_block_size}); 97 pixel frames = 25 latents")
+        if self.overlap_frames is not None:
+            if self.base_num_frames is None:
+                raise ValueError("overlap_frames needs base_num_frames (the segment length), "
+                                 "e.g. base_num_frames=25, overlap_frames=5")
+            if not self.causal_block_size <= self.overlap_frames < self.base_num_frames:
+                raise ValueError(f"overlap_frames must be in [causal_block_size, base_num_frames) = "
+                                 f"[{self.causal_block_size}, {self.base_num_frames}); got "
+                                 f"{self.overlap_frames} (17 pixel frames = 5 latents)")
+        if not isinstance(self.addnoise_condition, int) or not 0 <= self.addnoise_condition < 1000:
+            raise ValueError(f"addnoise_condition must be an integer timestep in [0, 1000) "
+                             f"(0 = off, README 20, at most ~50); got {self.addnoise_condition!r}")
+
+
+def fps_embedding_id(fps: int) -> int:
+    """Upstream's fps embedding index: 0 for 16 fps, 1 for anything else."""
+    return 0 if fps == 16 else 1
+
+
+@dataclass(frozen=True)
+class PixelOverlap:
+    """Official long-video overlap: decode, keep the last `history_frames` pixels, re-encode.
+
+    `encode(video [3,T,H,W] in [-1,1]) -> latents [C,t,h,w]`, `decode(latents) -> video`.
+    `history_frames` pixel frames correspond to `(history_frames - 1) // temporal_stride + 1`
+    latents, which must equal `ScheduleArgs.overlap_frames`.
+    """
+
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    history_frames: int = 17
+    temporal_stride: int = 4
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.history_frames - 1) // self.temporal_stride + 1
+
+
+# --------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Where a segment sits in the video, in latent frames."""
+
+    index: int
+    start: int        # first video latent frame of the segment
+    num_frames: int   # latent frames the segment samples (prefix included)
+    window: int       # model window (base_num_frames of the timestep matrix)
+
+
+@dataclass(frozen=True)
+class RowRecord:
+    """One row of a segment, as handed to `on_row` (the golden `trace.*` per row)."""
+
+    segment: int
+    row: int
+    interval: tuple[int, int]       # (start, end) latent frames of the model window
+    t: torch.Tensor                 # int64 [Fv] timesteps given to the model
+    model_input: torch.Tensor       # [C, Fv, H, W] after prefix noising
+    v_cond: torch.Tensor            # [C, Fv, H, W]
+    v_uncond: torch.Tensor | None   # [C, Fv, H, W] when CFG runs
+    update_mask: torch.Tensor       # bool [Fv] frames whose solver steps at this row
+    seconds: float
+
+
+@dataclass
+class SegmentInfo:
+    """What one segment did."""
+
+    plan: SegmentPlan
+    num_prefix: int                 # clean prefix latents it was conditioned on
+    matrix: TimestepMatrix
+    latents: torch.Tensor           # [C, F, H, W] the segment's final latents
+    model_calls: int = 0
+    row_seconds: list[float] = field(default_factory=list)
+    request_id: str = ""
+    accel_stats: Any = None         # `accel.end_request(...)`'s RequestStats, if any
+
+    @property
+    def rows(self) -> int:
+        return self.matrix.rows
+
+
+@dataclass
+class DFResult:
+    latents: torch.Tensor                 # [C, L, H, W] the stitched video latents
+    segments: list[SegmentInfo]
+    video: torch.Tensor | None = None     # [3, T, H, W] in [-1, 1] (PixelOverlap only)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# segment planning
+
+
+def plan_segments(num_frames: int, base_num_frames: int | None = None,
+                  overlap_frames: int | None = None) -> list[SegmentPlan]:
+    """Upstream's segments: `1 + ceil((L - b) / (b - o))` of at most b latents, overlapping by o.
+
+    Without an overlap (or when the video fits in b) there is one segment of all L frames,
+    whose model window is min(b, L) (a sliding window when b < L).
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1 latent frame; got {num_frames}")
+    base = num_frames if base_num_frames is None else base_num_frames
+    if overlap_frames is None or num_frames <= base:
+        return [SegmentPlan(index=0, start=0, num_frames=num_frames, window=min(base, num_frames))]
+    if not 0 < overlap_frames < base:
+        raise ValueError(f"overlap_frames must be in (0, base_num_frames={base}); got {overlap_frames}")
+    stride = base - overlap_frames
+    count = 1 + (num_frames - base - 1) // stride + 1
+    plans = []
+    for index in range(count):
+        start = index * stride
+        length = min(num_frames - start, base)
+        plans.append(SegmentPlan(index=index, start=start, num_frames=length, window=length))
+    return plans
+
+
+def _stitch(segments: list[torch.Tensor], overlap: int) -> torch.Tensor:
+    """cat(segment 0, segment i[overlap:] ...) along frames, as upstream stitches its pixels."""
+    return torch.cat([segments[0]] + [latents[:, overlap:] for latents in segments[1:]], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline
+
+
+class DFPipeline:
+    """Diffusion-forcing sampler around a Wan DF transformer (or any callable of its signature).
+
+    `faithful_aliasing=True` reproduces upstream's in-place aliasing of the first solver step
+    (see `unipc.py`); False gives the corrected, plain-scheduler behaviour.
+    """
+
+    def __init__(self, model: Callable[..., torch.Tensor], accel: Any = None, *,
+                 dtype: torch.dtype = torch.float32, faithful_aliasing: bool = True):
+        self.model = model
+        self.accel = accel
+        self.dtype = dtype
+        self.faithful_aliasing = faithful_aliasing
+
+    @torch.no_grad()
+    def generate(self, noise: torch.Tensor | Sequence[torch.Tensor], context: torch.Tensor,
+                 negative_context: torch.Tensor | None = None,
+                 schedule_args: ScheduleArgs | None = None, *,
+                 prefix_latents: torch.Tensor | None = None,
+                 addnoise_eps: NoiseSource = None,
+                 pixel_overlap: PixelOverlap | None = None,
+                 request_id: str = "df",
+                 progress: Callable[[int, int], None] | None = None,
+                 on_row: Callable[[RowRecord], None] | None = None) -> DFResult:
+        """Sample a video's latents: plan segments, sample each one, stitch.
+
+        noise: [C, L, H, W] for the whole video (each segment takes its frames), or one tensor
+            [C, F_i, H, W] per segment.
+        context / negative_context: [1, L_text, D]; negative needed when guidance_scale > 1.
+        prefix_latents: [C, P, H, W] clean latents that start the video (I2V, video extension);
+            truncated to a multiple of causal_block_size as upstream does.
+        addnoise_eps: prefix noise for `addnoise_condition`: a tensor [rows, C, P, H, W] (row k
+            feeds the k-th row that noises the prefix, frames [s, P) of it for a window starting
+            at s), one such tensor per segment, a torch.Generator, or None (global RNG, upstream).
+        progress(rows_done, rows_total) is called after every row; on_row gets each RowRecord.
+        """
+        args = schedule_args or ScheduleArgs()
+        started = time.perf_counter()
+        plans, noises = self._plan(noise, args)
+        if (len(plans) > 1 and pixel_overlap is not None
+                and pixel_overlap.latent_frames != args.overlap_frames):
+            raise ValueError(f"PixelOverlap.history_frames={pixel_overlap.history_frames} gives "
+                             f"{pixel_overlap.latent_frames} latents but overlap_frames is "
+                             f"{args.overlap_frames}; make them agree")
+        eps_sources = self._eps_sources(addnoise_eps, len(plans), args.addnoise_condition > 0)
+        cbs = args.causal_block_size
+        expected_prefix = [_aligned(prefix_latents.shape[1], cbs) if prefix_latents is not None else 0]
+        expected_prefix += [_aligned(args.overlap_frames or 0, cbs)] * (len(plans) - 1)
+        expected_rows = [self._matrix(args, plan, p).rows for plan, p in zip(plans, expected_prefix)]
+        counter = _RowCounter(progress, sum(expected_rows))
+
+        segments: list[SegmentInfo] = []
+        video = None
+        for plan, segment_noise, eps in zip(plans, noises, eps_sources):
+            # 1. the segment's clean prefix
+            if plan.index == 0:
+                prefix = prefix_latents
+            elif pixel_overlap is None:
+                prefix = segments[-1].latents[:, -args.overlap_frames:]
+            else:
+                history = video[:, -pixel_overlap.history_frames:]
+                prefix = pixel_overlap.encode(history.to(segment_noise.device))
+            prefix = _truncate_prefix(prefix, cbs)
+            num_prefix = 0 if prefix is None else prefix.shape[1]
+            if num_prefix != expected_prefix[plan.index]:   # a re-encoded prefix of another length
+                counter.total += self._matrix(args, plan, num_prefix).rows - expected_rows[plan.index]
+            # 2. sample it
+            rid = request_id if len(plans) == 1 else f"{request_id}/seg{plan.index}"
+            info = self.sample_segment(segment_noise, context, negative_context, args, plan=plan,
+                                       prefix_latents=prefix, addnoise_eps=eps, request_id=rid,
+                                       counter=counter, on_row=on_row)
+            segments.append(info)
+            # 3. official overlap: decode and stitch in pixel space
+            if pixel_overlap is not None:
+                pixels = pixel_overlap.decode(info.latents).clamp(-1, 1)
+                video = pixels if video is None else torch.cat(
+                    [video, pixels[:, pixel_overlap.history_frames:].to(video.device)], dim=1)
+
+        latents = _stitch([s.latents for s in segments], args.overlap_frames or 0)
+        return DFResult(latents=latents, segments=segments, video=video,
+                        seconds=time.perf_counter() - started)
+
+    def sample_segment(self, noise: torch.Tensor, context: torch.Tensor,
+                       negative_context: torch.Tensor | None, args: ScheduleArgs, *,
+                       plan: SegmentPlan | None = None,
+                       prefix_latents: torch.Tensor | None = None,
+                       addnoise_eps: torch.Tensor | torch.Generator | None = None,
+                       request_id: str = "df", counter: _RowCounter | None = None,
+                       on_row: Callable[[RowRecord], None] | None = None) -> SegmentInfo:
+        """Sample one segment from `noise` [C, F, H, W] (upstream's short-video loop)."""
+        _check_latents("noise", noise, 4)
+        plan = plan or SegmentPlan(index=0, start=0, num_frames=noise.shape[1],
+                                   window=min(args.base_num_frames or noise.shape[1], noise.shape[1]))
+        cfg = args.guidance_scale > 1
+        if cfg and negative_context is None:
+            raise ValueError(f"guidance_scale {args.guidance_scale} > 1 runs CFG and needs "
+                             f"negative_context; pass it or set guidance_scale <= 1")
+        device = noise.device
+        context = context.to(device, self.dtype)
+        negative_context = negative_context.to(device, self.dtype) if cfg else None
+
+        # 1. latents, prefix, schedule, one solver per frame
+        latents = noise.to(self.dtype).clone()
+        num_prefix = 0
+        if prefix_latents is not None and prefix_latents.shape[1] > 0:
+            _check_prefix(prefix_latents, latents)
+            num_prefix = prefix_latents.shape[1]
+            latents[:, :num_prefix] = prefix_latents.to(latents)
+        matrix = self._matrix(args, plan, num_prefix)
+        if matrix.num_frames < latents.shape[1]:
+            warnings.warn(f"{latents.shape[1] - matrix.num_frames} trailing latent frame(s) do not fill "
+                          f"a causal block of {args.causal_block_size} and stay noise (as upstream)",
+                          stacklevel=2)
+        flow = make_flow_schedule(args.num_steps, args.shift)
+        solvers = [FlowUniPCSolver(flow, alias_first_sample=self.faithful_aliasing)
+                   for _ in range(latents.shape[1])]
+        info = SegmentInfo(plan=plan, num_prefix=num_prefix, matrix=matrix, latents=latents,
+                           request_id=request_id)
+        fps_id = [fps_embedding_id(args.fps)]
+        noised_rows = 0
+
+        for row in range(matrix.rows):
+            row_started = time.perf_counter()
+            start, end = matrix.interval(row)
+            t = matrix.step_matrix[row, start:end].clone().to(device)
+            update = matrix.update_mask[row, start:end]
+            x = latents[:, start:end].clone()
+            # 2. clean prefix -> slightly noised input at t = addnoise_condition
+            if args.addnoise_condition > 0 and start < num_prefix:
+                eps = _draw_prefix_noise(addnoise_eps, noised_rows, x[:, :num_prefix - start], start)
+                factor = 0.001 * args.addnoise_condition
+                x[:, :num_prefix - start] = x[:, :num_prefix - start] * (1.0 - factor) + eps * factor
+                t[:num_prefix - start] = args.addnoise_condition
+                noised_rows += 1
+            # 3. model calls (cond, uncond) and guidance
+            calls = self._call_contexts(request_id, row, t, update, args, cfg)
+            v_cond = self._run_model(x, t, context, fps_id, args, calls.get("cond"))
+            v_uncond = None
+            velocity = v_cond
+            if cfg:
+                v_uncond = self._run_model(x, t, negative_context, fps_id, args, calls.get("uncond"))
+                velocity = v_uncond + args.guidance_scale * (v_cond - v_uncond)
+            info.model_calls += 2 if cfg else 1
+            # 4. step every frame this row updates
+            for frame in (start + update.nonzero().flatten()).tolist():
+                latents[:, frame] = solvers[frame].step(velocity[:, frame - start],
+                                                        matrix.step_matrix[row, frame],
+                                                        latents[:, frame]).to(latents.dtype)
+            if latents.is_cuda:
+                torch.cuda.synchronize(latents.device)
+            seconds = time.perf_counter() - row_started
+            info.row_seconds.append(seconds)
+            if on_row is not None:
+                on_row(RowRecord(segment=plan.index, row=row, interval=(start, end), t=t,
+                                 model_input=x, v_cond=v_cond, v_uncond=v_uncond,
+                                 update_mask=update, seconds=seconds))
+            if counter is not None:
+                counter.advance()
+
+        if self.accel is not None and hasattr(self.accel, "end_request"):
+            info.accel_stats = self.accel.end_request(request_id)
+        return info
+
+    # ---------------------------------------------------------------------------------------
+
+    def _plan(self, noise: torch.Tensor | Sequence[torch.Tensor],
+              args: ScheduleArgs) -> tuple[list[SegmentPlan], list[torch.Tensor]]:
+        """Segment plans and each segment's noise."""
+        if isinstance(noise, torch.Tensor):
+            _check_latents("noise", noise, 4)
+            plans = plan_segments(noise.shape[1], args.base_num_frames, args.overlap_frames)
+            return plans, [noise[:, p.start:p.start + p.num_frames] for p in plans]
+        noises = list(noise)
+        for i, n in enumerate(noises):
+            _check_latents(f"noise[{i}]", n, 4)
+        overlap = args.overlap_frames or 0
+        total = sum(n.shape[1] for n in noises) - overlap * (len(noises) - 1)
+        plans = plan_segments(total, args.base_num_frames, args.overlap_frames)
+        lengths = [p.num_frames for p in plans]
+        if [n.shape[1] for n in noises] != lengths:
+            raise ValueError(f"per-segment noise lengths {[n.shape[1] for n in noises]} do not match "
+                             f"the segment plan {lengths} for {total} latent frames; pass one "
+                             f"[C, L, H, W] tensor to let the pipeline split it")
+        return plans, noises
+
+    @staticmethod
+    def _eps_sources(addnoise_eps: NoiseSource, count: int,
+                     used: bool) -> list[torch.Tensor | torch.Generator | None]:
+        """One prefix-noise source per segment."""
+        if addnoise_eps is None or isinstance(addnoise_eps, torch.Generator):
+            return [addnoise_eps] * count
+        if isinstance(addnoise_eps, torch.Tensor):
+            if used and count > 1:
+                raise ValueError(f"a single addnoise_eps tensor cannot feed {count} segments; pass "
+                                 f"a list with one tensor per segment, or a torch.Generator")
+            return [addnoise_eps] * count
+        sources = list(addnoise_eps)
+        if len(sources) != count:
+            raise ValueError(f"addnoise_eps has {len(sources)} per-segment entries for {count} segments")
+        return sources
+
+    @staticmethod
+    def _matrix(args: ScheduleArgs, plan: SegmentPlan, num_prefix: int) -> TimestepMatrix:
+        template = make_flow_schedule(args.num_steps, args.shift).timesteps
+        return generate_timestep_matrix(plan.num_frames, template, plan.window, args.ar_step,
+                                        num_prefix, args.causal_block_size)
+
+    def _call_contexts(self, request_id: str, row: int, t: torch.Tensor, update: torch.Tensor,
+                       args: ScheduleArgs, cfg: bool) -> dict[str, Any]:
+        """One `scope.hooks.CallContext` per branch, or nothing without an accelerator."""
+        if self.accel is None:
+            return {}
+        from scope.hooks import CallContext   # lazy: the pipeline runs without scope
+
+        cbs = args.causal_block_size
+        chunks = t.shape[0] // cbs
+        chunk_sigma = t[::cbs][:chunks].to(torch.float32).cpu() / 1000.0
+        chunk_active = update[:chunks * cbs].reshape(chunks, cbs).any(dim=1).cpu()
+        branches = ["cond", "uncond"] if cfg else ["cond"]
+        return {branch: CallContext(request=request_id, branch=branch, step=row,
+                                    frames_per_chunk=cbs, chunk_sigma=chunk_sigma,
+                                    chunk_active=chunk_active, causal=args.causal_attention)
+                for branch in branches}
+
+    def _run_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                   fps_id: list[int], args: ScheduleArgs, call_context: Any) -> torch.Tensor:
+        """One model call on the window x [C, Fv, H, W] -> velocity [C, Fv, H, W]."""
+        kwargs: dict[str, Any] = {"context": context, "fps": fps_id}
+        if args.causal_attention:
+            kwargs["causal_block_size"] = args.causal_block_size
+        scope = nullcontext() if call_context is None else self.accel.call(call_context)
+        with scope:
+            out = self.model(x[None], t=t[None], **kwargs)
+        if out.shape[1:] != x.shape:
+            raise ValueError(f"model returned {tuple(out.shape)} for input {tuple(x[None].shape)}; "
+                             f"expected the input's shape")
+        return out[0]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+class _RowCounter:
+    """Rows done / total over all segments, reported to a `progress` callback."""
+
+    def __init__(self, callback: Callable[[int, int], None] | None, total: int):
+        self.callback = callback
+        self.total = total
+        self.done = 0
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+
+def _aligned(frames: int, block: int) -> int:
+    return frames - frames % block
+
+
+def _truncate_prefix(prefix: torch.Tensor | None, block: int) -> torch.Tensor | None:
+    """Upstream keeps only whole causal blocks of a prefix (an I2V image is lost with cbs > 1)."""
+    if prefix is None:
+        return None
+    keep = _aligned(prefix.shape[1], block)
+    if keep < prefix.shape[1]:
+        warnings.warn(f"prefix of {prefix.shape[1]} latent frames truncated to {keep} to align with "
+                      f"causal_block_size {block} (as upstream)", stacklevel=3)
+    return prefix[:, :keep] if keep > 0 else None
+
+
+def _check_latents(name: str, tensor: torch.Tensor, dims: int) -> None:
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != dims:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{name} must be a [C, F, H, W] latent tensor (batch 1, no batch dim); got {shape}")
+
+
+def _check_prefix(prefix: torch.Tensor, latents: torch.Tensor) -> None:
+    _check_latents("prefix_latents", prefix, 4)
+    channels, frames, height, width = latents.shape
+    if (prefix.shape[0], prefix.shape[2], prefix.shape[3]) != (channels, height, width):
+        raise ValueError(f"prefix_latents {tuple(prefix.shape)} must match the noise's channels and "
+                         f"size {(channels, height, width)}")
+    if prefix.shape[1] >= frames:
+        raise ValueError(f"prefix_latents has {prefix.shape[1]} frames but the segment has only "
+                         f"{frames}; leave at least one frame to generate")
+
+
+def _draw_prefix_noise(source: torch.Tensor | torch.Generator | None, k: int, like: torch.Tensor,
+                       start: int) -> torch.Tensor:
+    """Gaussian noise for the noised prefix frames `like` ([C, P - start, H, W])."""
+    if isinstance(source, torch.Tensor):
+        if k >= source.shape[0]:
+            raise ValueError(f"addnoise_eps has {source.shape[0]} rows but row {k} of prefix noise is "
+                             f"needed (one per row whose window overlaps the prefix)")
+        eps = source[k][:, start:start + like.shape[1]]
+        if eps.shape != like.shape:
+            raise ValueError(f"addnoise_eps[{k}] gives {tuple(eps.shape)} for prefix frames "
+                             f"[{start}, {start + like.shape[1]}); expected {tuple(like.shape)}")
+        return eps.to(like)
+    if isinstance(source, torch.Generator):
+        return torch.randn(like.shape, generator=source, device=source.device,
+                           dtype=like.dtype).to(like.device)
+    return torch.randn_like(like)
