@@ -1,0 +1,461 @@
+"""Typed, self-checking configs: one dataclass per acceleration method.
+
+Every field is checked in `__post_init__`; a bad value raises `ValueError` with a message that
+says what a valid value looks like. At the system boundary a config is one JSON object
+(`{"method": "scope", "tau_cache": 0.05, ...}`) read by `load_config` / `AccelConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+# Published TeaCache rescale polynomials (numpy.poly1d order: highest degree first), with the
+# probe they were fitted on: "e0" = time projection (ret-steps variant), "e" = time embedding.
+# Wan2.1 T2V/I2V values; SkyReels-V2 reuses the T2V ones unchanged.
+RESCALE_POLYNOMIALS: dict[str, tuple[tuple[float, ...], str]] = {
+    "wan-1.3b": ((-5.21862437e4, 9.23041404e3, -5.28275948e2, 1.36987616e1, -4.99875664e-2), "e0"),
+    "wan-1.3b-noret": ((2.39676752e3, -1.31110545e3, 2.01331979e2, -8.29855975, 1.37887774e-1), "e"),
+    "wan-14b": ((-3.03318725e5, 4.90537029e4, -2.65530556e3, 5.87365115e1, -3.15583525e-1), "e0"),
+    "wan-14b-noret": (
+        (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404), "e"),
+    "wan-i2v-540p": ((2.57151496e5, -3.54229917e4, 1.40286849e3, -1.35890334e1, 1.32517977e-1), "e0"),
+    "wan-i2v-540p-noret": (
+        (-3.02331670e2, 2.23948934e2, -5.25463970e1, 5.87348440, -2.01973289e-1), "e"),
+    "wan-i2v-720p": ((8.10705460e3, 2.13393892e3, -3.72934672e2, 1.66203073e1, -4.17769401e-2), "e0"),
+    "wan-i2v-720p-noret": (
+        (-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683), "e"),
+}
+RESCALE_ALIASES: dict[str, str] = {
+    "skyreels-v2-1.3b": "wan-1.3b",
+    "skyreels-v2-1.3b-noret": "wan-1.3b-noret",
+    "skyreels-v2-14b": "wan-14b",
+    "skyreels-v2-14b-noret": "wan-14b-noret",
+}
+
+SELECTIVE_MODES = ("off", "exact", "approx")
+RESIDUAL_DTYPES = ("input", "float32", "float16", "bfloat16")
+GRANULARITIES = ("global", "chunk")
+SCOPE_INDICATORS = ("probe", "input", "probe+input")
+FLOWCACHE_INDICATORS = ("probe", "input")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Small checkers (each raises ValueError naming the field and a valid example)
+# ---------------------------------------------------------------------------------------------
+
+def _fail(cfg: object, name: str, want: str, got: object) -> None:
+    raise ValueError(f"{type(cfg).__name__}.{name} must be {want} (got {got!r})")
+
+
+def _check_bool(cfg: object, name: str) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, bool):
+        _fail(cfg, name, "true or false", value)
+
+
+def _check_int(cfg: object, name: str, low: int, high: int | None = None, example: str = "") -> None:
+    value = getattr(cfg, name)
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    ok = ok and (high is None or value <= high)
+    if not ok:
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        _fail(cfg, name, f"an integer {span}{example}", value)
+
+
+def _check_float(cfg: object, name: str, low: float, *, strict: bool = False, high: float | None = None,
+                 allow_inf: bool = False, example: str = "") -> None:
+    value = getattr(cfg, name)
+    is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = is_num and not math.isnan(value) and (allow_inf or math.isfinite(value))
+    ok = ok and (value > low if strict else value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = f"> {low}" if strict else f">= {low}"
+        if high is not None:
+            bound += f" and <= {high}"
+        if allow_inf:
+            bound += " (inf disables it)"
+        _fail(cfg, name, f"a number {bound}{example}", value)
+
+
+def _check_choice(cfg: object, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        _fail(cfg, name, "one of " + ", ".join(repr(c) for c in choices), value)
+
+
+def resolve_rescale(spec: str | tuple[float, ...] | list[float] | None) -> tuple[tuple[float, ...], str] | None:
+    """Return (coefficients highest degree first, probe kind) for a rescale spec, or None."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        name = RESCALE_ALIASES.get(spec, spec)
+        if name not in RESCALE_POLYNOMIALS:
+            names = ", ".join(sorted(RESCALE_POLYNOMIALS) + sorted(RESCALE_ALIASES))
+            raise ValueError(f"unknown rescale polynomial {spec!r}; valid names: {names}, "
+                             f"or a list of 1-8 coefficients (highest degree first), or null")
+        return RESCALE_POLYNOMIALS[name]
+    return tuple(float(c) for c in spec), "default"
+
+
+def _normalise_rescale(cfg: object, name: str = "rescale") -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, list):
+        value = tuple(value)
+        object.__setattr__(cfg, name, value)
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            resolve_rescale(value)
+        except ValueError as err:
+            raise ValueError(f"{type(cfg).__name__}.{name}: {err}") from None
+        return
+    ok = isinstance(value, tuple) and 1 <= len(value) <= 8 and all(
+        isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in value)
+    if not ok:
+        _fail(cfg, name, "null, a polynomial name such as 'wan-1.3b', or a list of 1-8 finite "
+                         "coefficients, highest degree first (e.g. [1.0, 0.0] = identity)", value)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Base config: what every method shares (selective computation, residual storage)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class AccelConfig:
+    """Fields shared by every method.
+
+    selective: "off" = every frame of the window runs whenever any chunk recomputes;
+        "exact" = drop only what cannot influence the recomputed chunks (under block-causal
+        attention: chunks after the last recomputed one; finished leading chunks may be served
+        from cached K/V); under bidirectional attention "exact" equals "off";
+        "approx" = also drop not-started chunks after the active interval and finished chunks
+        more than `context_chunks` before it, under any attention (measured quality trade-off).
+    context_chunks: finished chunks kept as attention context before the active interval
+        ("approx" only; "exact" keeps all of them).
+    kv_cache_finished: serve finished context chunks from per-layer K/V captured once (needs the
+        adapter's `run_stack_kv`; exact under block-causal attention).
+    kv_cache_stale: ("approx" only) Cache/Predict chunks needed as context serve the K/V of their
+        last run instead of running again (FlowCache-style stale K/V).
+    reuse_context_outputs: an active chunk whose frames run anyway (as context) takes the computed
+        output instead of its Cache/Predict value (recorded as Recompute, reason "in-run").
+    residual_dtype: storage dtype of residual history ("input" = dtype of the hidden states).
+    trace: record one row per unit and call in `RequestStats.trace` (calibration data).
+    """
+
+    method: ClassVar[str] = "base"
+
+    selective: str = "off"
+    context_chunks: int = 1
+    kv_cache_finished: bool = False
+    kv_cache_stale: bool = False
+    reuse_context_outputs: bool = True
+    residual_dtype: str = "input"
+    trace: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_choice(self, "selective", SELECTIVE_MODES)
+        _check_int(self, "context_chunks", 0, example=" (finished chunks kept before the active "
+                                                        "interval, e.g. 1)")
+        for name in ("kv_cache_finished", "kv_cache_stale", "reuse_context_outputs", "trace"):
+            _check_bool(self, name)
+        _check_choice(self, "residual_dtype", RESIDUAL_DTYPES)
+        if self.kv_cache_finished and self.selective == "off":
+            raise ValueError(f"{type(self).__name__}.kv_cache_finished needs selective='exact' or "
+                             f"'approx' (with selective='off' every frame runs, so no K/V is served)")
+        if self.kv_cache_stale and self.selective != "approx":
+            raise ValueError(f"{type(self).__name__}.kv_cache_stale serves out-of-date K/V, an "
+                             f"approximation: it needs selective='approx' (got {self.selective!r})")
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict including "method"."""
+        out: dict[str, Any] = {"method": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AccelConfig:
+        """Build a config from a dict with a "method" key; unknown keys are errors."""
+        if not isinstance(data, dict):
+            raise ValueError(f"an acceleration config must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        method = data.pop("method", None if cls is AccelConfig else cls.method)
+        if method is None:
+            raise ValueError(f"acceleration config needs a 'method' key; valid methods: "
+                             f"{', '.join(METHOD_CONFIGS)}")
+        target = _config_class(method)
+        if cls is not AccelConfig and target is not cls:
+            raise ValueError(f"{cls.__name__}.from_dict got method {method!r}, expected {cls.method!r}")
+        valid = target.field_names()
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} for method {method!r}; valid keys: "
+                             f"method, {', '.join(valid)}")
+        return target(**data)
+
+    def replace(self, **overrides: Any) -> AccelConfig:
+        return dataclasses.replace(self, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. One config per method
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class NoneConfig(AccelConfig):
+    """No caching: every active chunk recomputes (selective computation may still drop frames)."""
+
+    method: ClassVar[str] = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScopeConfig(AccelConfig):
+    """SCOPE tri-modal scheduler (Recompute / Cache / Predict) per (request, branch, chunk).
+
+    The change indicator accumulates since the last Recompute: below `tau_cache` -> Cache,
+    below `tau_predict` (with `order + 1` recomputed points) -> Predict, else Recompute.
+    Thresholds are in the units of the indicator and need calibration per model (use `trace`).
+    """
+
+    method: ClassVar[str] = "scope"
+
+    tau_cache: float = 0.05
+    tau_predict: float = 0.15
+    indicator: str = "probe"
+    rescale: str | tuple[float, ...] | None = None
+    probe_kind: str = "default"
+    warmup_steps: int = 3
+    force_final_step: bool = True
+    max_consecutive: int = 4
+    order: int = 2
+    history: int | None = None
+    horizon_rho: float = 1.0
+    eps_error: float = 0.05
+    sigma_floor_scale: float = 0.5
+    sigma_knee: float = 1.0
+    residual_dtype: str = "float32"
+
+    def validate(self) -> None:
+        super().validate()
+        ex = " (e.g. tau_cache=0.05, tau_predict=0.15)"
+        _check_float(self, "tau_cache", 0.0, example=ex)
+        _check_float(self, "tau_predict", 0.0, strict=True, allow_inf=True, example=ex)
+        if not self.tau_cache < self.tau_predict:
+            raise ValueError(f"ScopeConfig.tau_cache must be < tau_predict (got tau_cache="
+                             f"{self.tau_cache}, tau_predict={self.tau_predict}){ex}")
+        _check_choice(self, "indicator", SCOPE_INDICATORS)
+        _normalise_rescale(self)
+        if not isinstance(self.probe_kind, str) or not self.probe_kind:
+            _fail(self, "probe_kind", "a non-empty string such as 'default', 'e0' or 'e'",
+                  self.probe_kind)
+        _check_int(self, "warmup_steps", 0, example=" (Recompute calls per chunk first, e.g. 3)")
+        _check_bool(self, "force_final_step")
+        _check_int(self, "max_consecutive", 1, example=" (non-Recompute calls in a row, e.g. 4)")
+        _check_int(self, "order", 0, 2, example=" (0 = reuse, 1 = linear, 2 = quadratic in sigma)")
+        if self.history is not None:
+            _check_int(self, "history", self.order + 1, self.order + 2,
+                       example=f" (order + 1 = {self.order + 1}, or order + 2 = {self.order + 2} "
+                               f"to check the error against one order higher; null = order + 1)")
+        _check_float(self, "horizon_rho", 0.0, strict=True, allow_inf=True,
+                     example=" (multiple of the sigma span the history covers, e.g. 1.0)")
+        _check_float(self, "eps_error", 0.0, strict=True, allow_inf=True,
+                     example=" (relative error estimate that forces Recompute, e.g. 0.05)")
+        _check_float(self, "sigma_floor_scale", 0.0, strict=True, high=1.0,
+                     example=" (threshold scale at sigma=0; 1.0 = no tightening, e.g. 0.5)")
+        _check_float(self, "sigma_knee", 0.0, strict=True, high=1.0,
+                     example=" (sigma below which thresholds start to shrink, e.g. 1.0)")
+
+    @property
+    def history_len(self) -> int:
+        return self.order + 1 if self.history is None else self.history
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeaCacheConfig(AccelConfig):
+    """TeaCache: accumulate the rescaled relative-L1 change of the probe; reuse below threshold.
+
+    granularity "global" = one decision for the whole window (original TeaCache);
+    "chunk" = one per chunk (the per-group port used by FlowCache for SkyReels-V2).
+    `use_ret_steps` selects the warm-up default (5 calls, else 1) and the final-step default
+    (forced only without ret steps) and must match the named polynomial's variant.
+    """
+
+    method: ClassVar[str] = "teacache"
+
+    threshold: float = 0.08
+    granularity: str = "global"
+    rescale: str | tuple[float, ...] | None = "wan-1.3b"
+    use_ret_steps: bool = True
+    probe_kind: str | None = None
+    warmup_steps: int | None = None
+    force_final_step: bool | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        _check_float(self, "threshold", 0.0, strict=True, example=" (e.g. 0.08 for Wan 1.3B)")
+        _check_choice(self, "granularity", GRANULARITIES)
+        _normalise_rescale(self)
+        _check_bool(self, "use_ret_steps")
+        if isinstance(self.rescale, str):
+            noret = RESCALE_ALIASES.get(self.rescale, self.rescale).endswith("-noret")
+            if noret == self.use_ret_steps:
+                want = "without" if noret else "with"
+                raise ValueError(f"TeaCacheConfig.rescale {self.rescale!r} was fitted {want} ret "
+                                 f"steps; set use_ret_steps={not noret} or pick the matching "
+                                 f"'-noret' / ret polynomial")
+        if self.probe_kind is not None and (not isinstance(self.probe_kind, str) or not self.probe_kind):
+            _fail(self, "probe_kind", "null (take it from the polynomial) or a string such as 'e0'",
+                  self.probe_kind)
+        if self.warmup_steps is not None:
+            _check_int(self, "warmup_steps", 0, example=" (null = 5 with ret steps, else 1)")
+        if self.force_final_step is not None:
+            _check_bool(self, "force_final_step")
+
+    @property
+    def effective_warmup(self) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return 5 if self.use_ret_steps else 1
+
+    @property
+    def effective_force_final(self) -> bool:
+        if self.force_final_step is not None:
+            return self.force_final_step
+        return not self.use_ret_steps
+
+    @property
+    def effective_probe_kind(self) -> str:
+        if self.probe_kind is not None:
+            return self.probe_kind
+        resolved = resolve_rescale(self.rescale)
+        return "default" if resolved is None else resolved[1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlowCacheConfig(AccelConfig):
+    """FlowCache-style per-chunk reuse: each chunk accumulates its own relative-L1 change.
+
+    Defaults follow FlowCache for MAGI-1: the indicator is the chunk's stack input (patch
+    embedding), no polynomial, threshold 0.015, 5 warm-up calls per chunk, final step computed.
+    For the SkyReels-V2 port use indicator="probe", rescale="wan-1.3b", threshold 0.1-0.15.
+    """
+
+    method: ClassVar[str] = "flowcache"
+
+    threshold: float = 0.015
+    indicator: str = "input"
+    rescale: str | tuple[float, ...] | None = None
+    probe_kind: str = "default"
+    warmup_steps: int = 5
+    force_final_step: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        _check_float(self, "threshold", 0.0, strict=True, example=" (e.g. 0.015)")
+        _check_choice(self, "indicator", FLOWCACHE_INDICATORS)
+        _normalise_rescale(self)
+        if not isinstance(self.probe_kind, str) or not self.probe_kind:
+            _fail(self, "probe_kind", "a non-empty string such as 'default'", self.probe_kind)
+        _check_int(self, "warmup_steps", 0, example=" (e.g. 5)")
+        _check_bool(self, "force_final_step")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaylorSeerConfig(AccelConfig):
+    """TaylorSeer at stack level: full compute at the first `first_enhance` steps and every
+    `interval`-th step after; otherwise a Taylor expansion in the STEP index whose derivatives
+    are backward differences between full steps. granularity "chunk" counts each chunk's own
+    steps; "global" counts `CallContext.step`."""
+
+    method: ClassVar[str] = "taylorseer"
+
+    interval: int = 5
+    order: int = 1
+    first_enhance: int = 1
+    granularity: str = "chunk"
+    force_final_step: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        _check_int(self, "interval", 1, example=" (full compute every N steps, e.g. 5)")
+        _check_int(self, "order", 0, 2, example=" (Taylor order, e.g. 1)")
+        _check_int(self, "first_enhance", 0, example=" (full steps at the start, e.g. 1)")
+        _check_choice(self, "granularity", GRANULARITIES)
+        _check_bool(self, "force_final_step")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FBCacheConfig(AccelConfig):
+    """First-Block Cache: always run block 0; if its residual changed by less than `threshold`
+    (relative L1 against the residual at the last full compute), skip blocks 1..L-1 and add the
+    cached tail residual."""
+
+    method: ClassVar[str] = "fbcache"
+
+    threshold: float = 0.05
+    granularity: str = "global"
+    warmup_steps: int = 0
+    force_final_step: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        _check_float(self, "threshold", 0.0, strict=True, example=" (e.g. 0.05)")
+        _check_choice(self, "granularity", GRANULARITIES)
+        _check_int(self, "warmup_steps", 0, example=" (e.g. 0)")
+        _check_bool(self, "force_final_step")
+        if self.kv_cache_finished or self.kv_cache_stale:
+            raise ValueError("FBCacheConfig does not support kv_cache_finished / kv_cache_stale "
+                             "(block 0 and blocks 1..L-1 run as two passes); set both to false")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Factory and JSON loading
+# ---------------------------------------------------------------------------------------------
+
+METHOD_CONFIGS: dict[str, type[AccelConfig]] = {
+    c.method: c for c in (NoneConfig, ScopeConfig, TeaCacheConfig, FlowCacheConfig,
+                          TaylorSeerConfig, FBCacheConfig)
+}
+
+
+def _config_class(method: str) -> type[AccelConfig]:
+    if method not in METHOD_CONFIGS:
+        raise ValueError(f"unknown acceleration method {method!r}; valid methods: "
+                         f"{', '.join(METHOD_CONFIGS)}")
+    return METHOD_CONFIGS[method]
+
+
+def make_config(method: str, **overrides: Any) -> AccelConfig:
+    """`make_config("scope", tau_cache=0.03)`; unknown methods or keys raise ValueError."""
+    return AccelConfig.from_dict({"method": method, **overrides})
+
+
+def load_config(path: str | Path) -> AccelConfig:
+    """Read an `--accel-config accel.json` file."""
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    try:
+        return AccelConfig.from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None

@@ -1,0 +1,275 @@
+"""Execute a decided call on one block range: run the selected frames once, write every
+chunk's output, keep the residual history and K/V of this range.
+
+`CallPlan` is what the decision side (stage 0 / `Accelerator.plan`) hands to every executor;
+a pipeline stage executes the same plan on its own block range with its own residual shard, so
+Cache and Predict need no traffic between stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from scope.baselines import make_policy
+from scope.config import AccelConfig
+from scope.extrapolation import embedded_error, newton_extrapolate, taylor_extrapolate
+from scope.planner import SelectivePlan
+from scope.scheduler import CACHE, PREDICT, RECOMPUTE, SKIP, Decision
+from scope.state import StateStore, UnitKey
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class RunFn(Protocol):
+    """Run blocks [start, end) on a frame subset; K/V lists as in `StackAdapter.run_stack_kv`."""
+
+    def __call__(self, h: torch.Tensor, inputs: Any, start: int, end: int, served: list[Any],
+                 capture: list[torch.Tensor]) -> tuple[torch.Tensor, list[Any]]: ...
+
+
+def make_run_fn(model: Any, adapter: Any) -> RunFn:
+    """A `RunFn` over the adapter's original (unwrapped) stack method of `model`."""
+
+    def run_fn(h, inputs, start, end, served, capture):
+        if not served and not capture:
+            return adapter.run_stack(model, h, inputs, start, end), []
+        if not hasattr(adapter, "run_stack_kv"):
+            raise RuntimeError(f"{type(adapter).__name__} has no run_stack_kv: K/V serving "
+                               f"(kv_cache_finished / kv_cache_stale) needs it; set both to false")
+        return adapter.run_stack_kv(model, h, inputs, start, end, served, capture)
+
+    return run_fn
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """The decisions of one call, for every executor of the replica."""
+
+    request: str
+    branch: str
+    step: int
+    chunk_offset: int
+    frames_per_chunk: int
+    sigmas: tuple[float, ...]
+    decisions: tuple[Decision, ...]
+    selective: SelectivePlan
+    released: tuple[int, ...] = ()       # absolute chunks whose residual history to drop first
+    released_kv: tuple[int, ...] = ()    # absolute chunks whose K/V to drop first
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.decisions)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return tuple(d.mode for d in self.decisions)
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return tuple(d.reason for d in self.decisions)
+
+    def unit(self, j: int) -> UnitKey:
+        return UnitKey(self.request, self.branch, self.chunk_offset + j)
+
+
+@dataclass
+class ExecReport:
+    """What one `execute` measured: observed error of the would-be prediction at Recompute."""
+
+    observed: dict[int, float] = field(default_factory=dict)   # window chunk -> relative error
+
+
+@dataclass
+class _History:
+    coords: list[float] = field(default_factory=list)
+    residuals: list[torch.Tensor] = field(default_factory=list)
+
+
+class StageExecutor:
+    """Executes plans on blocks [start, end) and owns that range's residuals and K/V."""
+
+    def __init__(self, config: AccelConfig, adapter: Any, start: int, end: int) -> None:
+        if not 0 <= start < end:
+            raise ValueError(f"block range must satisfy 0 <= start < end, got [{start}, {end})")
+        policy = make_policy(config)
+        self.adapter, self.start, self.end = adapter, start, end
+        self.extrapolator = policy.extrapolator
+        self.order, self.history = policy.order, policy.history
+        self.error_reference = policy.error_reference
+        self.residual_dtype = config.residual_dtype
+        self.residuals: StateStore[_History] = StateStore(_History)
+        self.kv: StateStore[Any] = StateStore()
+        self.last_report = ExecReport()
+
+    # -- execute ---------------------------------------------------------------------------------
+    def execute(self, plan: CallPlan, h: torch.Tensor, inputs: Any, run_fn: RunFn) -> torch.Tensor:
+        """Output of blocks [start, end) for every token of the window: h [B, N, D] -> [B, N, D]."""
+        self._apply_releases(plan)
+        C, fpc = plan.num_chunks, plan.frames_per_chunk
+        tpc = self._tokens_per_chunk(plan, h, inputs)
+        sel = plan.selective
+        computed: dict[int, torch.Tensor] = {}
+        out_sub = None
+        if sel.run:
+            out_sub, computed = self._run_subset(plan, h, inputs, run_fn, tpc)
+
+        # the whole window ran: write into the fresh stack output instead of a copy of h
+        whole = sel.run == tuple(range(C))
+        out = out_sub if whole else h.clone()
+        wd = torch.promote_types(h.dtype, torch.float32)
+        report = ExecReport()
+        pending_err: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        for j, d in enumerate(plan.decisions):
+            sl = slice(j * tpc, (j + 1) * tpc)
+            h_in = h[:, sl]
+            unit = plan.unit(j)
+            if d.mode in (RECOMPUTE, SKIP) and j in computed and not whole:
+                out[:, sl] = computed[j]   # skip chunks that ran as context keep their output
+            if d.mode == RECOMPUTE:
+                if j not in computed:
+                    raise RuntimeError(f"chunk {j} is Recompute but its frames did not run "
+                                       f"(run={sel.run})")
+                pending_err.extend(self._record(unit, d.coord, h_in, computed[j], j))
+            elif d.mode == CACHE:
+                r_last = self._history(unit, j).residuals[-1]
+                out[:, sl] = (h_in.to(wd) + r_last.to(wd)).to(h.dtype)
+            elif d.mode == PREDICT:
+                r_hat = self._predict(self._history(unit, j), d.coord)
+                out[:, sl] = (h_in.to(wd) + r_hat.to(wd)).to(h.dtype)
+            elif d.mode != SKIP:
+                raise ValueError(f"unknown mode {d.mode!r} for chunk {j}")
+        if pending_err:
+            values = torch.stack([torch.stack([torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)])
+                                  for _, a, b in pending_err]).cpu().tolist()
+            for (j, _, _), (num, den) in zip(pending_err, values):
+                report.observed[j] = num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+        self.last_report = report
+        return out
+
+    def _tokens_per_chunk(self, plan: CallPlan, h: torch.Tensor, inputs: Any) -> int:
+        C, fpc = plan.num_chunks, plan.frames_per_chunk
+        frames = int(self.adapter.num_frames(inputs))
+        tpf = int(self.adapter.tokens_per_frame(inputs))
+        if frames != C * fpc:
+            raise ValueError(f"the stack input has {frames} frames but the call context describes "
+                             f"{C} chunks x {fpc} frames = {C * fpc}")
+        if h.dim() != 3 or h.shape[1] != frames * tpf:
+            raise ValueError(f"hidden states must be [B, N, D] with N = frames x tokens_per_frame = "
+                             f"{frames} x {tpf}, got {tuple(h.shape)}")
+        return fpc * tpf
+
+    def _run_subset(self, plan: CallPlan, h: torch.Tensor, inputs: Any, run_fn: RunFn,
+                    tpc: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        sel, fpc = plan.selective, plan.frames_per_chunk
+        pos = {j: i for i, j in enumerate(sel.run)}
+        whole = sel.run == tuple(range(plan.num_chunks))
+        if whole:
+            h_sub, in_sub = h, inputs
+        else:
+            frames = torch.cat([torch.arange(j * fpc, (j + 1) * fpc) for j in sel.run]).to(h.device)
+            h_sub = torch.cat([h[:, j * tpc:(j + 1) * tpc] for j in sel.run], dim=1)
+            in_sub = self.adapter.select_frames(inputs, frames)
+        served = []
+        for j in sel.kv_served:
+            entry = self.kv.get(plan.unit(j))
+            if entry is None:
+                raise RuntimeError(f"plan serves K/V of chunk {plan.unit(j)} but blocks "
+                                   f"[{self.start}, {self.end}) hold none")
+            served.append(entry)
+        capture = [torch.arange(pos[j] * fpc, (pos[j] + 1) * fpc, device=h.device) for j in sel.kv_capture]
+        out_sub, captured = run_fn(h_sub, in_sub, self.start, self.end, served, capture)
+        if len(captured) != len(capture):
+            raise RuntimeError(f"run_stack_kv returned {len(captured)} K/V entries for "
+                               f"{len(capture)} captured chunks")
+        for j, entry in zip(sel.kv_capture, captured):
+            self.kv.set(plan.unit(j), entry)
+        return out_sub, {j: out_sub[:, i * tpc:(i + 1) * tpc] for j, i in pos.items()}
+
+    # -- residual history ------------------------------------------------------------------------
+    def _history(self, unit: UnitKey, j: int) -> _History:
+        hist = self.residuals.get(unit)
+        if hist is None or not hist.residuals:
+            raise RuntimeError(f"chunk {j} ({unit}) reuses a residual but blocks "
+                               f"[{self.start}, {self.end}) have none: the plan and this "
+                               f"executor's history disagree")
+        return hist
+
+    def _record(self, unit: UnitKey, coord: float, h_in: torch.Tensor, h_out: torch.Tensor,
+                j: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        if self.history == 0:
+            return []
+        dtype = h_in.dtype if self.residual_dtype == "input" else DTYPES[self.residual_dtype]
+        r = (h_out.to(torch.promote_types(h_out.dtype, torch.float32)) - h_in.to(
+            torch.promote_types(h_in.dtype, torch.float32)))
+        hist = self.residuals.ensure(unit)
+        err: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        if hist.residuals and (not hist.coords or hist.coords[-1] != coord):
+            guess = self._predict(hist, coord, strict=False)
+            if guess is not None:
+                err.append((j, guess.to(r.dtype) - r, r))
+        if hist.coords and hist.coords[-1] == coord:
+            hist.coords.pop()
+            hist.residuals.pop()
+        hist.coords.append(coord)
+        hist.residuals.append(r.to(dtype))
+        del hist.coords[: -self.history]
+        del hist.residuals[: -self.history]
+        return err
+
+    def _predict(self, hist: _History, coord: float, strict: bool = True) -> torch.Tensor | None:
+        n = len(hist.residuals)
+        if self.extrapolator == "taylor":
+            return taylor_extrapolate(hist.coords, hist.residuals, coord, min(self.order, n - 1))
+        if self.extrapolator == "newton" and self.order > 0:
+            if n >= self.order + 1:
+                return newton_extrapolate(hist.coords, hist.residuals, coord, self.order)
+            if strict:
+                raise RuntimeError(f"Predict of order {self.order} needs {self.order + 1} "
+                                   f"residuals, this executor holds {n}")
+            return None
+        return hist.residuals[-1].to(torch.promote_types(hist.residuals[-1].dtype, torch.float32))
+
+    def estimate(self, unit: UnitKey, coord: float) -> float | None:
+        """Embedded error estimate of a Predict at `coord` (None when it cannot be formed)."""
+        hist = self.residuals.get(unit)
+        if hist is None or self.extrapolator != "newton":
+            return None
+        if len(hist.residuals) < self.order + 1:
+            return None
+        return embedded_error(hist.coords, hist.residuals, coord, self.order, self.error_reference)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _apply_releases(self, plan: CallPlan) -> None:
+        if plan.released:
+            self.residuals.drop_chunks(plan.request, plan.released, plan.branch)
+        if plan.released_kv:
+            self.kv.drop_chunks(plan.request, plan.released_kv, plan.branch)
+
+    def release(self, request: str, chunks: Sequence[int], branch: str | None = None,
+                kv: bool = True) -> None:
+        self.residuals.drop_chunks(request, chunks, branch)
+        if kv:
+            self.kv.drop_chunks(request, chunks, branch)
+
+    def end_request(self, request: str) -> None:
+        self.residuals.drop_request(request)
+        self.kv.drop_request(request)
+
+    def memory_bytes(self) -> int:
+        """Bytes held in residual history and K/V by this executor."""
+        total = sum(_tensor_bytes(hist.residuals) for _, hist in self.residuals.items())
+        return total + sum(_tensor_bytes(entry) for _, entry in self.kv.items())
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0

@@ -1,0 +1,318 @@
+"""The tri-modal decision (Recompute / Cache / Predict) per unit per call, and the policy
+interface every method (SCOPE and the baselines) implements.
+
+A policy is two-phase so the planner can sit in between: `propose` returns one `Decision` per
+window chunk without touching state; the accelerator may upgrade some to Recompute (their
+frames run anyway); `commit` then applies the final decisions to the per-unit state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from scope.config import ScopeConfig, resolve_rescale
+from scope.state import CallContext, StateStore, UnitKey
+
+RECOMPUTE, CACHE, PREDICT, SKIP = "recompute", "cache", "predict", "skip"
+MODES = (RECOMPUTE, CACHE, PREDICT, SKIP)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Mode of one chunk at one call, why, and what the commit needs."""
+
+    mode: str
+    reason: str
+    coord: float = 0.0                 # coordinate of this call (sigma or step) for the history
+    est_error: float | None = None     # embedded error estimate (Predict only)
+    indicator: float | None = None     # this call's change indicator (after rescale)
+    acc: float = 0.0                   # accumulated indicator if this call does not recompute
+
+    def upgraded(self, reason: str) -> Decision:
+        return dataclasses.replace(self, mode=RECOMPUTE, reason=reason, est_error=None)
+
+
+@dataclass
+class UnitState:
+    """Decision-side state of one unit (tensors here are indicator inputs only)."""
+
+    prev_signal: torch.Tensor | None = None   # indicator source at the previous active call
+    prev_input: torch.Tensor | None = None    # stack input at the previous active call
+    acc: float = 0.0                          # accumulated indicator since the last Recompute
+    active_calls: int = 0                     # calls at which the chunk was active
+    since_recompute: int = 0                  # consecutive non-Recompute active calls
+    coords: list[float] = field(default_factory=list)  # coordinates of kept residuals, oldest first
+    last_sigma: float | None = None           # noise level at the last active call
+
+
+@dataclass
+class ChunkSignals:
+    """Per window chunk indicator sources (None where not available)."""
+
+    probe: list[torch.Tensor | None] | None = None
+    input: list[torch.Tensor | None] | None = None
+    first_residual: list[torch.Tensor | None] | None = None
+
+
+class ErrorEstimator(Protocol):
+    def __call__(self, unit: UnitKey, coord: float) -> float | None: ...
+
+
+def no_estimate(unit: UnitKey, coord: float) -> float | None:
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Indicator helpers
+# ---------------------------------------------------------------------------------------------
+
+def l1_parts(cur: Sequence[torch.Tensor | None], prev: Sequence[torch.Tensor | None]
+             ) -> list[tuple[float, float] | None]:
+    """Per pair (sum |cur - prev|, sum |prev|), one device sync for all pairs."""
+    idx = [i for i, (c, p) in enumerate(zip(cur, prev)) if c is not None and p is not None]
+    out: list[tuple[float, float] | None] = [None] * len(cur)
+    if not idx:
+        return out
+    parts = []
+    for i in idx:
+        wd = torch.promote_types(cur[i].dtype, torch.float32)
+        c, p = cur[i].to(wd), prev[i].to(wd)
+        parts.append(torch.stack([(c - p).abs().sum(), p.abs().sum()]))
+    values = torch.stack(parts).cpu().tolist()
+    for i, (num, den) in zip(idx, values):
+        out[i] = (num, den)
+    return out
+
+
+def rel_l1(parts: tuple[float, float] | None) -> float:
+    """mean|cur - prev| / mean|prev| from summed parts; inf when unknown."""
+    if parts is None:
+        return math.inf
+    num, den = parts
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def poly_eval(coeffs: Sequence[float] | None, x: float) -> float:
+    """numpy.poly1d-style evaluation (highest degree first), clamped at 0; identity if None."""
+    if coeffs is None or math.isinf(x):
+        return x
+    value = 0.0
+    for c in coeffs:
+        value = value * x + c
+    return max(value, 0.0)
+
+
+def tighten_factor(sigma: float, floor_scale: float, knee: float) -> float:
+    """1 above `knee`, shrinking linearly to `floor_scale` at sigma 0."""
+    if sigma >= knee:
+        return 1.0
+    return floor_scale + (1.0 - floor_scale) * sigma / knee
+
+
+def detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy base
+# ---------------------------------------------------------------------------------------------
+
+class Policy:
+    """Common machinery: unit state, commit, release. Subclasses implement `propose`."""
+
+    name = "base"
+    granularity = "chunk"
+    needs_probe = False
+    needs_input = False
+    needs_first_block = False
+    probe_kind = "default"
+    extrapolator: str | None = None    # "newton" | "taylor" | None (no Predict)
+    order = 0
+    history = 1                        # residual points kept per unit (0 = none)
+    error_reference = "lower"
+    signal_on_recompute_only = False   # FBCache compares against the last full compute
+
+    def __init__(self) -> None:
+        self.units: StateStore[UnitState] = StateStore(UnitState)
+
+    # -- decide ----------------------------------------------------------------------------------
+    def propose(self, ctx: CallContext, signals: ChunkSignals,
+                estimate: ErrorEstimator = no_estimate) -> list[Decision]:
+        raise NotImplementedError
+
+    def commit(self, ctx: CallContext, decisions: Sequence[Decision], signals: ChunkSignals) -> None:
+        """Apply final decisions (after any upgrades) to the per-unit state."""
+        for j, d in enumerate(decisions):
+            if not ctx.active[j]:
+                continue
+            st = self.units.ensure(ctx.unit(j))
+            self._commit_unit(st, d, _pick(signals.probe, j) if self.needs_probe else
+                              _pick(signals.first_residual, j), _pick(signals.input, j))
+            st.last_sigma = ctx.sigmas[j]
+        if self.granularity == "global":
+            self._commit_global(ctx, decisions)
+
+    def _commit_unit(self, st: UnitState, d: Decision, signal: torch.Tensor | None,
+                     inp: torch.Tensor | None) -> None:
+        st.active_calls += 1
+        if d.mode == RECOMPUTE:
+            st.acc = 0.0
+            st.since_recompute = 0
+            if self.history > 0:
+                if st.coords and st.coords[-1] == d.coord:
+                    st.coords.pop()
+                st.coords.append(d.coord)
+                del st.coords[: -self.history]
+        else:
+            st.acc = d.acc
+            st.since_recompute += 1
+        if signal is not None and (d.mode == RECOMPUTE or not self.signal_on_recompute_only):
+            st.prev_signal = detached(signal)
+        if inp is not None:
+            st.prev_input = detached(inp)
+
+    def _commit_global(self, ctx: CallContext, decisions: Sequence[Decision]) -> None:
+        active = [d for j, d in enumerate(decisions) if ctx.active[j]]
+        if not active:
+            return
+        g = self.units.ensure(ctx.global_unit())
+        g.active_calls += 1
+        if all(d.mode == RECOMPUTE for d in active):
+            g.acc, g.since_recompute = 0.0, 0
+        else:
+            g.acc = active[0].acc
+            g.since_recompute += 1
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def release(self, request: str, chunks: Sequence[int], branch: str | None = None) -> None:
+        self.units.drop_chunks(request, chunks, branch)
+
+    def end_request(self, request: str) -> None:
+        self.units.drop_request(request)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _indicators(self, ctx: CallContext, signals: ChunkSignals, use_probe: bool, use_input: bool,
+                    rescale: Sequence[float] | None) -> list[float]:
+        """Per window chunk change indicator vs the unit's previous active call (inf if none)."""
+        C = ctx.num_chunks
+        states = [self.units.get(ctx.unit(j)) for j in range(C)]
+        total = [0.0] * C
+        if use_probe:
+            cur = [_pick(signals.probe, j) for j in range(C)]
+            prev = [None if s is None else s.prev_signal for s in states]
+            for j, parts in enumerate(l1_parts(cur, prev)):
+                total[j] += poly_eval(rescale, rel_l1(parts))
+        if use_input:
+            cur = [_pick(signals.input, j) for j in range(C)]
+            prev = [None if s is None else s.prev_input for s in states]
+            for j, parts in enumerate(l1_parts(cur, prev)):
+                total[j] += rel_l1(parts)
+        return total
+
+
+def _pick(values: list[torch.Tensor | None] | None, j: int) -> torch.Tensor | None:
+    return None if values is None else values[j]
+
+
+def skip_decision(ctx: CallContext, j: int) -> Decision:
+    return Decision(SKIP, "inactive", coord=ctx.sigmas[j])
+
+
+# ---------------------------------------------------------------------------------------------
+# SCOPE
+# ---------------------------------------------------------------------------------------------
+
+class ScopeScheduler(Policy):
+    """SCOPE's tri-modal decision with its stability controls.
+
+    Per active chunk, in order (first match wins):
+      warm-up (first `warmup_steps` active calls) -> Recompute "warmup"
+      final step (`force_final_step`, sigma_next == 0) -> Recompute "final"
+      no residual yet -> Recompute "no-history"
+      `max_consecutive` non-Recompute calls in a row -> Recompute "max-consecutive"
+      acc < tau_cache * s(sigma) -> Cache "below-tau-cache"
+      acc < tau_predict * s(sigma):
+          fewer than order + 1 residuals -> Recompute "short-history"
+          |sigma - sigma_newest| > rho * span of the used points -> Recompute "horizon"
+          embedded error > eps_error * s(sigma) -> Recompute "error-estimate"
+          else Predict "predict"
+      else -> Recompute "above-tau-predict"
+    where acc = indicator accumulated since the last Recompute including this call and
+    s(sigma) is the low-sigma tightening factor.
+    """
+
+    name = "scope"
+    extrapolator = "newton"
+
+    def __init__(self, config: ScopeConfig) -> None:
+        super().__init__()
+        self.config = config
+        resolved = resolve_rescale(config.rescale)
+        self.rescale = None if resolved is None else resolved[0]
+        self.needs_probe = config.indicator in ("probe", "probe+input")
+        self.needs_input = config.indicator in ("input", "probe+input")
+        self.probe_kind = config.probe_kind if resolved is None or resolved[1] == "default" else resolved[1]
+        self.order = config.order
+        self.history = config.history_len
+        self.error_reference = "higher" if self.history == self.order + 2 else "lower"
+
+    def propose(self, ctx: CallContext, signals: ChunkSignals,
+                estimate: ErrorEstimator = no_estimate) -> list[Decision]:
+        cfg = self.config
+        d_all = self._indicators(ctx, signals, self.needs_probe, self.needs_input, self.rescale)
+        out = []
+        for j in range(ctx.num_chunks):
+            if not ctx.active[j]:
+                out.append(skip_decision(ctx, j))
+                continue
+            unit = ctx.unit(j)
+            st = self.units.get(unit) or UnitState()
+            sigma, d = ctx.sigmas[j], d_all[j]
+            acc = st.acc + d
+            scale = tighten_factor(sigma, cfg.sigma_floor_scale, cfg.sigma_knee)
+
+            def make(mode: str, reason: str, est: float | None = None) -> Decision:
+                return Decision(mode, reason, coord=sigma, est_error=est, indicator=d, acc=acc)
+
+            final = ctx.is_final(j)
+            if cfg.force_final_step and final is None:
+                raise ValueError("ScopeConfig.force_final_step needs CallContext.chunk_sigma_next "
+                                 "(the noise level after this step); pass it or set "
+                                 "force_final_step=false")
+            if st.active_calls < cfg.warmup_steps:
+                out.append(make(RECOMPUTE, "warmup"))
+            elif cfg.force_final_step and final:
+                out.append(make(RECOMPUTE, "final"))
+            elif not st.coords:
+                out.append(make(RECOMPUTE, "no-history"))
+            elif st.since_recompute >= cfg.max_consecutive:
+                out.append(make(RECOMPUTE, "max-consecutive"))
+            elif acc < cfg.tau_cache * scale:
+                out.append(make(CACHE, "below-tau-cache"))
+            elif acc < cfg.tau_predict * scale:
+                out.append(self._predict_or_recompute(unit, st, sigma, scale, estimate, make))
+            else:
+                out.append(make(RECOMPUTE, "above-tau-predict"))
+        return out
+
+    def _predict_or_recompute(self, unit, st, sigma, scale, estimate, make) -> Decision:
+        cfg, k = self.config, self.order
+        if len(st.coords) < k + 1:
+            return make(RECOMPUTE, "short-history")
+        if k >= 1:
+            used = st.coords[-(k + 1):]
+            span = max(used) - min(used)
+            if abs(sigma - used[-1]) > cfg.horizon_rho * span:
+                return make(RECOMPUTE, "horizon")
+        est = estimate(unit, sigma)
+        if est is not None and est > cfg.eps_error * scale:
+            return make(RECOMPUTE, "error-estimate", est)
+        return make(PREDICT, "predict", est)

@@ -1,0 +1,94 @@
+"""Configs check themselves and say what a valid value looks like."""
+
+import json
+
+import pytest
+
+from scope.config import (METHOD_CONFIGS, RESCALE_POLYNOMIALS, AccelConfig, FBCacheConfig,
+                          ScopeConfig, TeaCacheConfig, load_config, make_config, resolve_rescale)
+
+
+def test_every_method_builds_with_defaults_and_round_trips_through_json(tmp_path):
+    for method in METHOD_CONFIGS:
+        cfg = make_config(method)
+        path = tmp_path / f"{method}.json"
+        path.write_text(cfg.to_json())
+        assert load_config(path) == cfg, f"{method}: JSON round trip changed the config"
+
+
+def test_make_config_unknown_method_lists_valid_methods():
+    with pytest.raises(ValueError, match="valid methods: none, scope, teacache, flowcache, taylorseer, fbcache"):
+        make_config("magcache")
+
+
+def test_unknown_key_is_an_error_listing_valid_keys():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['tau'\].*valid keys: .*tau_cache"):
+        make_config("scope", tau=0.1)
+    with pytest.raises(ValueError, match="needs a 'method' key"):
+        AccelConfig.from_dict({"tau_cache": 0.1})
+
+
+def test_load_config_reports_file_and_problem(tmp_path):
+    path = tmp_path / "accel.json"
+    path.write_text(json.dumps({"method": "scope", "order": 3}))
+    with pytest.raises(ValueError, match=r"accel.json: ScopeConfig.order must be an integer in \[0, 2\]"):
+        load_config(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"tau_cache": 0.2, "tau_predict": 0.1}, "tau_cache must be < tau_predict"),
+    ({"tau_cache": -0.1}, r"tau_cache must be a number >= 0.0"),
+    ({"indicator": "magnitude"}, "indicator must be one of 'probe', 'input', 'probe\\+input'"),
+    ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0"),
+    ({"warmup_steps": 1.5}, "warmup_steps must be an integer"),
+    ({"max_consecutive": 0}, "max_consecutive must be an integer >= 1"),
+    ({"order": 3}, r"order must be an integer in \[0, 2\]"),
+    ({"order": 1, "history": 4}, r"history must be an integer in \[2, 3\]"),
+    ({"horizon_rho": 0.0}, "horizon_rho must be a number > 0.0"),
+    ({"eps_error": float("nan")}, "eps_error must be a number > 0.0"),
+    ({"sigma_floor_scale": 1.5}, "sigma_floor_scale must be a number > 0.0 and <= 1.0"),
+    ({"sigma_knee": 0.0}, "sigma_knee must be a number > 0.0"),
+    ({"selective": "fast"}, "selective must be one of 'off', 'exact', 'approx'"),
+    ({"context_chunks": -1}, "context_chunks must be an integer >= 0"),
+    ({"kv_cache_finished": True}, "kv_cache_finished needs selective='exact' or 'approx'"),
+    ({"selective": "exact", "kv_cache_stale": True}, "kv_cache_stale .* needs selective='approx'"),
+    ({"force_final_step": 1}, "force_final_step must be true or false"),
+    ({"rescale": "wan-2b"}, "unknown rescale polynomial 'wan-2b'; valid names: .*wan-1.3b"),
+    ({"rescale": [1.0, "x"]}, "rescale must be null, a polynomial name"),
+    ({"residual_dtype": "float64"}, "residual_dtype must be one of"),
+])
+def test_scope_config_rejects_bad_values_with_a_hint(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ScopeConfig(**overrides)
+
+
+def test_teacache_polynomial_variant_must_match_ret_steps():
+    with pytest.raises(ValueError, match="fitted with ret steps; set use_ret_steps=True"):
+        TeaCacheConfig(rescale="wan-14b", use_ret_steps=False)
+    cfg = TeaCacheConfig(rescale="wan-14b-noret", use_ret_steps=False)
+    assert (cfg.effective_warmup, cfg.effective_force_final, cfg.effective_probe_kind) == (1, True, "e")
+    cfg = TeaCacheConfig(rescale="skyreels-v2-1.3b")
+    assert (cfg.effective_warmup, cfg.effective_force_final, cfg.effective_probe_kind) == (5, False, "e0")
+
+
+def test_rescale_names_resolve_to_published_coefficients_and_custom_lists_become_tuples():
+    coeffs, kind = resolve_rescale("wan-1.3b")
+    assert coeffs[0] == -5.21862437e4 and coeffs[-1] == -4.99875664e-2 and kind == "e0"
+    assert all(len(c) == 5 for c, _ in RESCALE_POLYNOMIALS.values())
+    cfg = make_config("teacache", rescale=[2.0, 0.0])
+    assert cfg.rescale == (2.0, 0.0)
+    assert cfg.to_dict()["rescale"] == [2.0, 0.0]
+
+
+def test_fbcache_refuses_kv_options():
+    with pytest.raises(ValueError, match="FBCacheConfig does not support kv_cache"):
+        FBCacheConfig(selective="exact", kv_cache_finished=True)
+
+
+def test_from_dict_on_a_subclass_checks_the_method():
+    with pytest.raises(ValueError, match="expected 'scope'"):
+        ScopeConfig.from_dict({"method": "teacache"})
+    assert ScopeConfig.from_dict({"order": 1}).order == 1
