@@ -18,6 +18,13 @@ pixel frames, re-encode).
 The model is any callable `model(x [1,C,F,H,W], t=[1,F] int64, context=[1,L,D], fps=[id],
 (causal_block_size=cbs)) -> [1,C,F,H,W]`. Acceleration, when given, wraps every model call in
 `with accel.call(scope.hooks.CallContext(...))`; without it nothing from `scope` is imported.
+A model that also has `submit(x, **same kwargs) -> future` (`.result()` gives the output) gets
+every CFG branch of a row submitted before any is awaited, so a remote model (the Ray backend)
+has both in flight at once; each submit runs inside its branch's `accel.call`.
+
+`generate(..., resume=[...], on_segment=fn)`: segments already done (their `SegmentInfo`, e.g.
+from a checkpoint) are taken as they are instead of sampled again, and `on_segment` is called
+with each newly sampled segment, so a failed run resumes at the segment it was in.
 """
 from __future__ import annotations
 
@@ -226,7 +233,9 @@ class DFPipeline:
                  pixel_overlap: PixelOverlap | None = None,
                  request_id: str = "df",
                  progress: Callable[[int, int], None] | None = None,
-                 on_row: Callable[[RowRecord], None] | None = None) -> DFResult:
+                 on_row: Callable[[RowRecord], None] | None = None,
+                 resume: Sequence[SegmentInfo] = (),
+                 on_segment: Callable[[SegmentInfo], None] | None = None) -> DFResult:
         """Sample a video's latents: plan segments, sample each one, stitch.
 
         noise: [C, L, H, W] for the whole video (each segment takes its frames), or one tensor
@@ -238,6 +247,8 @@ class DFPipeline:
             feeds the k-th row that noises the prefix, frames [s, P) of it for a window starting
             at s), one such tensor per segment, a torch.Generator, or None (global RNG, upstream).
         progress(rows_done, rows_total) is called after every row; on_row gets each RowRecord.
+        resume: the first segments, already sampled (taken as they are); on_segment(info) is
+            called after each segment this call samples.
         """
         args = schedule_args or ScheduleArgs()
         started = time.perf_counter()
@@ -269,11 +280,17 @@ class DFPipeline:
             num_prefix = 0 if prefix is None else prefix.shape[1]
             if num_prefix != expected_prefix[plan.index]:   # a re-encoded prefix of another length
                 counter.total += self._matrix(args, plan, num_prefix).rows - expected_rows[plan.index]
-            # 2. sample it
+            # 2. sample it (or take it from `resume`)
             rid = request_id if len(plans) == 1 else f"{request_id}/seg{plan.index}"
-            info = self.sample_segment(segment_noise, context, negative_context, args, plan=plan,
-                                       prefix_latents=prefix, addnoise_eps=eps, request_id=rid,
-                                       counter=counter, on_row=on_row)
+            if plan.index < len(resume):
+                info = _resumed(resume[plan.index], plan, num_prefix)
+                counter.skip(info.rows)
+            else:
+                info = self.sample_segment(segment_noise, context, negative_context, args, plan=plan,
+                                           prefix_latents=prefix, addnoise_eps=eps, request_id=rid,
+                                           counter=counter, on_row=on_row)
+                if on_segment is not None:
+                    on_segment(info)
             segments.append(info)
             # 3. official overlap: decode and stitch in pixel space
             if pixel_overlap is not None:
@@ -338,12 +355,14 @@ class DFPipeline:
                 t[:num_prefix - start] = args.addnoise_condition
                 noised_rows += 1
             # 3. model calls (cond, uncond) and guidance
-            calls = self._call_contexts(request_id, row, t, update, args, cfg)
-            v_cond = self._run_model(x, t, context, fps_id, args, calls.get("cond"))
-            v_uncond = None
+            calls = self._call_contexts(request_id, row, t, update, args, cfg, start, flow.timesteps)
+            branches = [(context, calls.get("cond"))]
+            if cfg:
+                branches.append((negative_context, calls.get("uncond")))
+            outputs = self._run_branches(x, t, branches, fps_id, args)
+            v_cond, v_uncond = outputs[0], (outputs[1] if cfg else None)
             velocity = v_cond
             if cfg:
-                v_uncond = self._run_model(x, t, negative_context, fps_id, args, calls.get("uncond"))
                 velocity = v_uncond + args.guidance_scale * (v_cond - v_uncond)
             info.model_calls += 2 if cfg else 1
             # 4. step every frame this row updates
@@ -411,7 +430,8 @@ class DFPipeline:
                                         num_prefix, args.causal_block_size)
 
     def _call_contexts(self, request_id: str, row: int, t: torch.Tensor, update: torch.Tensor,
-                       args: ScheduleArgs, cfg: bool) -> dict[str, Any]:
+                       args: ScheduleArgs, cfg: bool, start: int = 0,
+                       timesteps: torch.Tensor | None = None) -> dict[str, Any]:
         """One `scope.hooks.CallContext` per branch, or nothing without an accelerator."""
         if self.accel is None:
             return {}
@@ -421,21 +441,46 @@ class DFPipeline:
         chunks = t.shape[0] // cbs
         chunk_sigma = t[::cbs][:chunks].to(torch.float32).cpu() / 1000.0
         chunk_active = update[:chunks * cbs].reshape(chunks, cbs).any(dim=1).cpu()
+        chunk_sigma_next = _next_sigmas(chunk_sigma, chunk_active, timesteps)
         branches = ["cond", "uncond"] if cfg else ["cond"]
         return {branch: CallContext(request=request_id, branch=branch, step=row,
                                     frames_per_chunk=cbs, chunk_sigma=chunk_sigma,
-                                    chunk_active=chunk_active, causal=args.causal_attention)
+                                    chunk_active=chunk_active, causal=args.causal_attention,
+                                    chunk_sigma_next=chunk_sigma_next, chunk_offset=start // cbs)
                 for branch in branches}
+
+    def _run_branches(self, x: torch.Tensor, t: torch.Tensor, branches: list[tuple[torch.Tensor, Any]],
+                      fps_id: list[int], args: ScheduleArgs) -> list[torch.Tensor]:
+        """The model calls of one row, one per (context, call context): in turn, or all submitted
+        before any is awaited when the model has `submit`."""
+        submit = getattr(self.model, "submit", None)
+        if submit is None:
+            return [self._run_model(x, t, ctx, fps_id, args, call) for ctx, call in branches]
+        pending = []
+        for ctx, call in branches:
+            scope = nullcontext() if call is None else self.accel.call(call)
+            with scope:
+                pending.append(submit(x[None], t=t[None], **self._model_kwargs(ctx, fps_id, args)))
+        return [self._check_output(p.result(), x) for p in pending]
+
+    @staticmethod
+    def _model_kwargs(context: torch.Tensor, fps_id: list[int], args: ScheduleArgs) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"context": context, "fps": fps_id}
+        if args.causal_attention:
+            kwargs["causal_block_size"] = args.causal_block_size
+        return kwargs
 
     def _run_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                    fps_id: list[int], args: ScheduleArgs, call_context: Any) -> torch.Tensor:
         """One model call on the window x [C, Fv, H, W] -> velocity [C, Fv, H, W]."""
-        kwargs: dict[str, Any] = {"context": context, "fps": fps_id}
-        if args.causal_attention:
-            kwargs["causal_block_size"] = args.causal_block_size
+        kwargs = self._model_kwargs(context, fps_id, args)
         scope = nullcontext() if call_context is None else self.accel.call(call_context)
         with scope:
             out = self.model(x[None], t=t[None], **kwargs)
+        return self._check_output(out, x)
+
+    @staticmethod
+    def _check_output(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if out.shape[1:] != x.shape:
             raise ValueError(f"model returned {tuple(out.shape)} for input {tuple(x[None].shape)}; "
                              f"expected the input's shape")
@@ -458,6 +503,32 @@ class _RowCounter:
         self.done += 1
         if self.callback is not None:
             self.callback(self.done, self.total)
+
+    def skip(self, rows: int) -> None:
+        """Count rows of a resumed segment as done (no callback)."""
+        self.done += rows
+
+
+def _resumed(info: SegmentInfo, plan: SegmentPlan, num_prefix: int) -> SegmentInfo:
+    """A segment handed back through `resume`, checked against the plan it must match."""
+    if info.plan != plan or info.num_prefix != num_prefix:
+        raise ValueError(f"resume segment {plan.index} was sampled for {info.plan} with "
+                         f"{info.num_prefix} prefix latents; this run plans {plan} with {num_prefix}")
+    return info
+
+
+def _next_sigmas(sigma: torch.Tensor, active: torch.Tensor,
+                 timesteps: torch.Tensor | None) -> torch.Tensor | None:
+    """Noise level of each chunk after this row: the next timestep of its schedule for a chunk
+    the row updates (0 after the last one), unchanged otherwise."""
+    if timesteps is None:
+        return None
+    grid = torch.cat([timesteps.to(torch.float32).cpu() / 1000.0, torch.zeros(1)])   # [N + 1]
+    nxt = sigma.clone()
+    for j in active.nonzero().flatten().tolist():
+        k = int(torch.argmin((grid[:-1] - sigma[j]).abs()))
+        nxt[j] = grid[k + 1]
+    return nxt
 
 
 def _aligned(frames: int, block: int) -> int:
