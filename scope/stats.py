@@ -111,3 +111,34 @@ class RequestStats:
             "observed_error": self.observed_error.to_dict(),
             "trace": list(self.trace),
         }
+
+
+def merge_stats(request: str, parts: list[RequestStats]) -> RequestStats:
+    """One `RequestStats` for a request made of several parts (e.g. the segments of a long
+    video, each its own accelerator request); per-chunk counts are summed by chunk index."""
+    merged = RequestStats(request=request)
+    for part in parts:
+        merged.method = part.method
+        merged.num_blocks = max(merged.num_blocks, part.num_blocks)
+        merged.calls += part.calls
+        merged.chunk_calls += part.chunk_calls
+        for mode, n in part.modes.to_dict().items():
+            merged.modes.add(mode, n)
+        for chunk, counts in part.per_chunk.items():
+            target = merged.per_chunk.setdefault(chunk, ModeCounts())
+            for mode, n in counts.to_dict().items():
+                target.add(mode, n)
+        for reason, n in part.reasons.items():
+            merged.reasons[reason] = merged.reasons.get(reason, 0) + n
+        merged.block_evals += part.block_evals
+        merged.block_evals_full += part.block_evals_full
+        merged.context_block_evals += part.context_block_evals
+        merged.kv_served_chunks += part.kv_served_chunks
+        merged.dropped_chunks += part.dropped_chunks
+        for name in ("est_error", "observed_error"):
+            mine, theirs = getattr(merged, name), getattr(part, name)
+            mine.count += theirs.count
+            mine.total += theirs.total
+            mine.max = max(mine.max, theirs.max)
+        merged.trace.extend(part.trace)
+    return merged

@@ -1,0 +1,59 @@
+"""`scope generate` end to end on the tiny DF model: every --accel value, multi-segment, files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from jobs.cli import build_parser, main
+from jobs.video import read_video
+
+
+def _generate(tmp_path, *extra: str) -> tuple[int, dict]:
+    out, stats = tmp_path / "v.mp4", tmp_path / "s.json"
+    rc = main(["generate", "--model", "tiny", "--prompt", "a test", "--frames", "33", "--seed", "3",
+               "--steps", "4", "--base-frames", "6", "--overlap", "2", "--ar-step", "1",
+               "--out", str(out), "--stats", str(stats), "--latents", str(tmp_path / "l.safetensors"),
+               "--no-progress", *extra])
+    return rc, (json.loads(stats.read_text()) if stats.exists() else {})
+
+
+@pytest.mark.parametrize("accel", ["none", "scope", "teacache", "flowcache", "taylorseer", "fbcache"])
+def test_generate_tiny_async_multi_segment(tmp_path, accel):
+    rc, stats = _generate(tmp_path, "--accel", accel)
+    assert rc == 0
+    assert stats["segments"] >= 2                         # 9 latent frames, windows of 6
+    for key in ("frames", "wall_s", "block_evals", "block_evals_full", "modes"):
+        assert key in stats
+    assert set(stats["modes"]) >= {"recompute", "cache", "predict"}
+    assert stats["frames"] == 33 and read_video(str(tmp_path / "v.mp4")).shape[0] == 33
+    assert 0 < stats["block_evals"] <= stats["block_evals_full"]
+    assert load_file(str(tmp_path / "l.safetensors"))["latents"].shape[1] >= 9
+
+
+def test_same_seed_same_latents(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    _generate(a)
+    _generate(b)
+    assert load_file(str(a / "l.safetensors"))["latents"].equal(load_file(str(b / "l.safetensors"))["latents"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--frames", "0"], "--frames"),
+    (["--out", "x.avi"], ".mp4"),
+    (["--accel-config", "/nonexistent.json"], "accel-config"),
+    (["--stages", "2"], "--backend ray"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
+    rc = main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "v.mp4"), *args])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_help_lists_commands():
+    text = build_parser().format_help()
+    for command in ("generate", "bench", "calibrate", "train"):
+        assert command in text
