@@ -1,0 +1,101 @@
+"""What a replica runs: a model spec, and the small table of model-family facts the cluster needs.
+
+The cluster never imports a model file directly: each family gives a loader for one stage's
+weights, its ordered `parallelize_*` function, a whole-model loader (in-process runs) and its
+acceleration adapter.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model family and where its weights come from.
+
+    source: a named size of the family (random weights drawn from `seed`: tests and demos; every
+        stage then holds exactly the weights of an in-process model built from the same spec) or
+        a checkpoint folder (local path or fsspec URL: file://, s3://, memory://, ...).
+    overrides: config fields replaced on a named size, e.g. (("num_layers", 3),).
+    """
+
+    source: str = "tiny"
+    family: str = "skyreels-v2"
+    seed: int = 0
+    dtype: str = "float32"
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; valid: {sorted(FAMILIES)}")
+        object.__setattr__(self, "overrides", tuple(tuple(kv) for kv in self.overrides))
+        FAMILIES[self.family].check(self)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Per-family functions (all take the `ModelSpec`)."""
+
+    check: Callable[[ModelSpec], None]
+    num_layers: Callable[[ModelSpec], int]
+    load_stage_model: Callable[..., torch.nn.Module]     # (spec, stage_index, num_stages, counts, device)
+    parallelize: Callable[..., Any]                       # (model, stage_index, num_stages, counts=, sp_group=)
+    load_model: Callable[[ModelSpec, str], torch.nn.Module]
+    accel_adapter: Callable[[], Any]
+
+
+# ----------------------------------------------------------------------------- SkyReels-V2 DF
+
+def _stage_spec(spec: ModelSpec) -> Any:
+    from pipelines.skyreels_v2.parallelize import StageSpec
+    return StageSpec(source=spec.source, seed=spec.seed, dtype=spec.dtype, overrides=spec.overrides)
+
+
+def _skyreels_num_layers(spec: ModelSpec) -> int:
+    from pipelines.skyreels_v2.parallelize import checkpoint_config
+    config = _stage_spec(spec).config() or checkpoint_config(spec.source)
+    return config.num_layers
+
+
+def _skyreels_load_stage(spec: ModelSpec, stage_index: int, num_stages: int, counts: Sequence[int] | None,
+                         device: str) -> torch.nn.Module:
+    """Only this stage's blocks (and the head on the last stage) are loaded."""
+    from pipelines.skyreels_v2.parallelize import load_stage_model, split_blocks
+    block_range = split_blocks(_skyreels_num_layers(spec), num_stages, counts)[stage_index]
+    return load_stage_model(_stage_spec(spec), block_range, stage_index == num_stages - 1, device)
+
+
+def _skyreels_parallelize(model: torch.nn.Module, stage_index: int, num_stages: int, *,
+                          counts: Sequence[int] | None = None, sp_group: Any = None) -> Any:
+    from pipelines.skyreels_v2.parallelize import parallelize_skyreels
+    return parallelize_skyreels(model, stage_index, num_stages, counts=counts, sp_group=sp_group)
+
+
+def _skyreels_load_model(spec: ModelSpec, device: str = "cpu") -> torch.nn.Module:
+    from pipelines.skyreels_v2.parallelize import load_stage_model
+    return load_stage_model(_stage_spec(spec), None, True, device)
+
+
+def _skyreels_adapter() -> Any:
+    from pipelines.skyreels_v2.accel_adapter import WanStackAdapter
+    return WanStackAdapter()
+
+
+FAMILIES: dict[str, Family] = {
+    "skyreels-v2": Family(check=_stage_spec, num_layers=_skyreels_num_layers,
+                          load_stage_model=_skyreels_load_stage, parallelize=_skyreels_parallelize,
+                          load_model=_skyreels_load_model, accel_adapter=_skyreels_adapter),
+}
+
+
+def family_of(spec: ModelSpec) -> Family:
+    return FAMILIES[spec.family]
+
+
+def load_model(spec: ModelSpec, device: str = "cpu") -> torch.nn.Module:
+    """The whole model of a spec (for in-process runs and comparisons)."""
+    return family_of(spec).load_model(spec, device)
