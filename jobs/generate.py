@@ -172,28 +172,50 @@ def _progress_bar(spec: GenerateSpec, desc: str):
     return bar, update
 
 
-def generate_procedural(spec: GenerateSpec) -> GenerateResult:
-    from pipelines.procedural.bundle import generate_video, load_bundle
+@dataclass
+class PreparedVideo:
+    """One video's sampling inputs, the same for the local and the Ray backend."""
+
+    model: torch.nn.Module            # the in-process transformer
+    source: str                       # what a Ray stage loads: a named size or a checkpoint folder/URL
+    noise: torch.Tensor               # [C, F, h, w]
+    context: torch.Tensor             # [1, L, text_dim]
+    negative: torch.Tensor            # [1, L, text_dim]
+    args: Any                         # ScheduleArgs
+    addnoise_seed: int
+    decode: Any                       # latents [C, F, h, w] -> uint8 [T, H, W, 3]
+    fps: int
+    extra: dict[str, Any]
+
+
+def prepare_procedural(spec: GenerateSpec) -> PreparedVideo:
+    """Text, noise and schedule of the procedural model (the same draws as `generate_video`)."""
+    from pipelines.procedural.bundle import check_prompt, load_bundle
 
     bundle = load_bundle(spec.model)
-    accel = attach_accel(bundle.transformer, spec)
-    bar, progress = _progress_bar(spec, "denoising")
-    started = time.perf_counter()
-    try:
-        frames, latents, info = generate_video(
-            bundle, spec.prompt, spec.frames, spec.seed, accel=accel,
-            negative_prompt=spec.negative_prompt, progress=progress,
-            num_inference_steps=spec.steps, shift=spec.shift, guidance_scale=spec.guidance,
-            ar_step=spec.ar_step, causal_block_size=spec.causal_block_size,
-            base_num_frames=spec.base_frames, overlap_frames=spec.overlap)
-    finally:
-        if bar is not None:
-            bar.close()
-    wall = time.perf_counter() - started
-    schedule = asdict(info["schedule"])
-    stats = summarize(spec, info["result"].segments, wall, spec.frames, {"schedule": schedule})
-    stats["fps"] = spec.fps or bundle.defaults.get("fps", 8)
-    return GenerateResult(frames, latents, stats)
+    check_prompt(bundle, spec.prompt)
+    if spec.negative_prompt:
+        check_prompt(bundle, spec.negative_prompt)
+    args = bundle.schedule_args(num_inference_steps=spec.steps, shift=spec.shift,
+                                guidance_scale=spec.guidance, ar_step=spec.ar_step,
+                                causal_block_size=spec.causal_block_size,
+                                base_num_frames=spec.base_frames, overlap_frames=spec.overlap)
+    with torch.no_grad():
+        context = bundle.text_encoder([spec.prompt])
+        negative = bundle.text_encoder([spec.negative_prompt])
+    cbs = args.causal_block_size
+    latent_frames = math.ceil(spec.frames / cbs) * cbs
+    size = (bundle.defaults.get("height", 64) // bundle.codec.patch,
+            bundle.defaults.get("width", 64) // bundle.codec.patch)
+    noise = torch.randn(bundle.codec.channels, latent_frames, *size,
+                        generator=torch.Generator().manual_seed(spec.seed))
+
+    def decode(latents: torch.Tensor) -> np.ndarray:
+        return bundle.codec.decode(latents[:, :spec.frames])
+
+    return PreparedVideo(bundle.transformer, str(bundle.path), noise, context, negative, args,
+                         spec.seed + 1, decode, spec.fps or int(bundle.defaults.get("fps", 8)),
+                         {"decode": "procedural codec"})
 
 
 def _load_context(spec: GenerateSpec, text_len: int, text_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,10 +254,11 @@ def latent_preview(latents: torch.Tensor, frames: int) -> np.ndarray:
     return (rgb.permute(1, 2, 3, 0) * 255).round().to(torch.uint8).numpy()
 
 
-def generate_skyreels(spec: GenerateSpec) -> GenerateResult:
+def prepare_skyreels(spec: GenerateSpec) -> PreparedVideo:
+    """A SkyReels-V2 DF checkpoint (or the tiny random model): latent preview, no VAE yet."""
     from pipelines.skyreels_v2.checkpoint import load_transformer
     from pipelines.skyreels_v2.model import WanDFTransformer
-    from pipelines.skyreels_v2.pipeline import DFPipeline, ScheduleArgs
+    from pipelines.skyreels_v2.pipeline import ScheduleArgs
     from pipelines.skyreels_v2.sizes import config_for
 
     if spec.model == "tiny":
@@ -246,11 +269,10 @@ def generate_skyreels(spec: GenerateSpec) -> GenerateResult:
         model = load_transformer(spec.model).eval()
         height, width = 68, 120   # 540P latent grid
     cfg = model.config
-    latent_frames = (spec.frames - 1) // WAN_TEMPORAL + 1
     cbs = spec.causal_block_size or (2 if spec.model == "tiny" else 1)
-    latent_frames = math.ceil(latent_frames / cbs) * cbs
+    latent_frames = math.ceil(((spec.frames - 1) // WAN_TEMPORAL + 1) / cbs) * cbs
     base = spec.base_frames or min(latent_frames, 8 if spec.model == "tiny" else 25)
-    overlap = spec.overlap if spec.overlap is not None else (min(2 * cbs, base - cbs) if latent_frames > base else None)
+    overlap = spec.overlap if spec.overlap is not None else min(2 * cbs, base - cbs)
     args = ScheduleArgs(num_steps=spec.steps or (8 if spec.model == "tiny" else 30),
                         shift=spec.shift or 8.0, guidance_scale=6.0 if spec.guidance is None else spec.guidance,
                         ar_step=spec.ar_step if spec.ar_step is not None else 2, causal_block_size=cbs,
@@ -259,32 +281,54 @@ def generate_skyreels(spec: GenerateSpec) -> GenerateResult:
     context, negative = _load_context(spec, cfg.text_len, cfg.text_dim)
     noise = torch.randn(cfg.in_dim, latent_frames, height, width,
                         generator=torch.Generator().manual_seed(spec.seed))
-    accel = attach_accel(model, spec)
+    return PreparedVideo(model, spec.model, noise, context, negative, args, spec.seed + 1,
+                         lambda latents: latent_preview(latents, spec.frames), args.fps,
+                         {"decode": "latent preview (no VAE yet)"})
+
+
+def sample_local(spec: GenerateSpec, job: PreparedVideo) -> tuple[Any, float]:
+    """The DF pipeline in this process, accelerator hooks attached from outside."""
+    from pipelines.skyreels_v2.pipeline import DFPipeline
+
+    accel = attach_accel(job.model, spec)
     bar, progress = _progress_bar(spec, "denoising")
     started = time.perf_counter()
     try:
-        result = DFPipeline(model, accel=accel).generate(noise, context, negative, args,
-                                                         addnoise_eps=torch.Generator().manual_seed(spec.seed + 1),
-                                                         request_id=f"generate-{spec.seed}", progress=progress)
+        result = DFPipeline(job.model, accel=accel).generate(
+            job.noise, job.context, job.negative, job.args, request_id=f"generate-{spec.seed}",
+            addnoise_eps=torch.Generator().manual_seed(job.addnoise_seed), progress=progress)
     finally:
         if bar is not None:
             bar.close()
-    wall = time.perf_counter() - started
-    frames = latent_preview(result.latents, spec.frames)
-    stats = summarize(spec, result.segments, wall, int(frames.shape[0]),
-                      {"schedule": asdict(args), "decode": "latent preview (no VAE yet)"})
-    stats["fps"] = args.fps
-    return GenerateResult(frames, result.latents, stats)
+    return result, time.perf_counter() - started
+
+
+def sample_ray(spec: GenerateSpec, job: PreparedVideo) -> tuple[Any, float]:
+    """The same sampling on a Ray cluster ($RAY_ADDRESS, or a local one): `--stages` pipeline
+    stages per replica, `--replicas` replicas."""
+    from cluster.api import generate_on_ray
+
+    started = time.perf_counter()
+    result = generate_on_ray(job.source, job.noise, job.context, job.negative, job.args,
+                             stages=spec.stages, replicas=spec.replicas, accel=build_accel_config(spec),
+                             addnoise_eps=torch.Generator().manual_seed(job.addnoise_seed),
+                             request_id=f"generate-{spec.seed}", seed=spec.seed)
+    return result, time.perf_counter() - started
 
 
 # ------------------------------------------------------------------------------------ entry
 
 def generate(spec: GenerateSpec) -> GenerateResult:
-    if spec.backend == "ray":
-        from cluster.api import generate_from_spec
-
-        return generate_from_spec(spec)
-    return generate_procedural(spec) if _is_procedural(spec.model) else generate_skyreels(spec)
+    """Prepare (model, text, noise, schedule), sample locally or on Ray, decode, summarize."""
+    job = prepare_procedural(spec) if _is_procedural(spec.model) else prepare_skyreels(spec)
+    result, wall = (sample_ray if spec.backend == "ray" else sample_local)(spec, job)
+    frames = job.decode(result.latents)
+    stats = summarize(spec, result.segments, wall, int(frames.shape[0]),
+                      {"schedule": asdict(job.args), "backend": spec.backend, "stages": spec.stages,
+                       "replicas": spec.replicas, **job.extra})
+    stats["fps"] = job.fps
+    return GenerateResult(frames, result.latents[:, :spec.frames] if _is_procedural(spec.model)
+                          else result.latents, stats)
 
 
 def write_outputs(spec: GenerateSpec, result: GenerateResult) -> None:
