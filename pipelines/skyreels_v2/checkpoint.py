@@ -67,9 +67,14 @@ def from_state_dict(config: WanDFConfig, state_dict: Mapping[str, Tensor], dtype
 # ----------------------------------------------------------------------------- load
 
 def load_transformer(path_or_url: str, dtype: torch.dtype | None = None,
-                     device: str | torch.device = "cpu") -> WanDFTransformer:
-    """Load a checkpoint folder (local path or fsspec URL: file://, s3://, memory://, ...)."""
-    fs, root = url_to_fs(path_or_url)
+                     device: str | torch.device = "cpu",
+                     storage_options: dict | None = None) -> WanDFTransformer:
+    """Load a checkpoint folder (local path or fsspec URL: file://, s3://, memory://, ...).
+
+    storage_options go to the fsspec file system (e.g. s3 `client_kwargs={"endpoint_url": ...}`);
+    without them fsspec's own configuration applies (AWS_* and FSSPEC_S3_* environment variables).
+    """
+    fs, root = url_to_fs(path_or_url, **(storage_options or {}))
     config = WanDFConfig.from_dict(json.loads(fs.cat_file(_join(root, CONFIG_FILE))))
     state_dict: dict[str, Tensor] = {}
     for name in shard_names(fs, root):
@@ -85,6 +90,7 @@ def load_transformer(path_or_url: str, dtype: torch.dtype | None = None,
 
 def shard_names(fs: AbstractFileSystem, root: str) -> list[str]:
     """Shard file names: those of the index's weight_map when an index exists, else every *.safetensors."""
+    fs.invalidate_cache(root)   # listings of object stores are cached per file-system instance
     if not fs.isdir(root):
         raise CheckpointError(f"{root}: not a checkpoint folder (expected {CONFIG_FILE} and *.safetensors)")
     names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
@@ -114,11 +120,14 @@ def read_shard(fs: AbstractFileSystem, path: str, device: str | torch.device = "
 
 # ----------------------------------------------------------------------------- save
 
-def save_transformer(model: WanDFTransformer, dir_or_url: str, max_shard_bytes: int | None = None) -> list[str]:
+def save_transformer(model: WanDFTransformer, dir_or_url: str, max_shard_bytes: int | None = None,
+                     storage_options: dict | None = None) -> list[str]:
     """Write config.json + safetensors (+ index when sharded) to an empty folder; returns the file names."""
-    fs, root = url_to_fs(dir_or_url)
+    fs, root = url_to_fs(dir_or_url, **(storage_options or {}))
     fs.makedirs(root, exist_ok=True)
-    existing = [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
+    # object stores have no empty folders: a new prefix may not list until something is in it
+    listing = fs.ls(root, detail=False) if fs.exists(root) else []
+    existing = [posixpath.basename(p.rstrip("/")) for p in listing]
     clash = [n for n in existing if n == CONFIG_FILE or n.endswith(".safetensors") or n.endswith(INDEX_SUFFIX)]
     if clash:
         raise CheckpointError(f"{dir_or_url}: already holds {clash}; save into an empty folder")

@@ -1,0 +1,75 @@
+"""Real services for integration tests, started here and stopped by PID (127.0.0.1 only)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout} s")
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server (server mode, a real HTTP endpoint) and credentials for it."""
+    moto = Path(sys.executable).with_name("moto_server")
+    if not moto.exists():
+        found = shutil.which("moto_server")
+        if found is None:
+            pytest.fail("moto_server not found: install the test extras (pip install -e '.[test]')")
+        moto = Path(found)
+    port = free_port()
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc, "moto_server")
+        url = f"http://127.0.0.1:{port}"
+        old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = "testing", "testing"
+        yield url
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture
+def s3_options(s3_endpoint):
+    """fsspec storage options for the moto endpoint (no region: bucket creation fails with one)."""
+    return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}
