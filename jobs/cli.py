@@ -51,6 +51,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default="bench.json", help="results (list of objects)")
     p.add_argument("--plot", default=None, help="speed-quality plot (png)")
     p.add_argument("--model", default=None, help="model (default: the embedded procedural model)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, the same for every method")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timing rounds per prompt; each generation keeps its fastest wall-clock")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (model default if omitted)")
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
@@ -59,7 +63,12 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-psnr", type=float, default=30.0)
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--frames", type=int, default=32)
-    p.add_argument("--out", default="accel.json")
+    p.add_argument("--out", default="accel.json", help="config JSON for `scope generate --accel-config`")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first calibration prompt (+1 per prompt)")
+    p.add_argument("--ratios", default="2,4", help="tau_predict / tau_cache ratios to scan (comma-separated)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (model default if omitted)")
+    p.add_argument("--report", default=None, help="also write every evaluated point here (JSON)")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,476 @@
+"""`scope bench`: every acceleration method side by side on the procedural model, in one process.
+
+    scope bench --methods none,scope,teacache,flowcache,taylorseer,fbcache --prompts 4 \
+        --frames 48 --json bench.json --plot bench.png
+
+What one run does (DESIGN section 5, "How we measure"):
+1. load the bundle, fix the thread count (the same for every method), warm up once untimed;
+2. for every held-out prompt (seed = --seed + prompt index): generate the reference first (the
+   plain model, no hooks: full compute with the bundle's asynchronous DF schedule), then every
+   case (a method at one setting) on the same prompt and seed, timing each generation;
+3. per case: `speedup` = sum of reference wall-clock / sum of the case's wall-clock over the
+   prompts (measured in this run, on this machine), `block_eval_fraction` (transformer block x
+   chunk evaluations run / those of full compute, from `RequestStats`), `psnr_db` / `ssim` of the
+   decoded video against the reference of the same prompt and seed (mean over prompts; PSNR
+   capped at 100 dB, see `jobs.quality`), and `content_accuracy` (share of prompts whose checked
+   colour, shape and motion all match the caption) with the per-attribute rates.
+
+Cases: each method at its defaults; threshold sweeps (each baseline's main knob, SCOPE's
+tau_cache / tau_predict and its selective-computation mode) so the plot shows every method's
+speed-quality curve; ablations (selective computation alone, SCOPE without Predict, SCOPE
+without Cache) and a timing control (the reference run again: its speedup shows the noise).
+
+Output: a list of JSON objects (one per case; fields in `summarise_case`), a table on stdout and
+optionally a PSNR-vs-speedup plot. The function API (`bench_cases`, `run_bench_on`) takes any
+bundle-like object with `transformer`, `text_encoder`, `codec`, `defaults` and `schedule_args`.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from jobs.quality import PSNR_CAP_DB, psnr, ssim
+
+Log = Callable[[str], None]
+
+# Selective computation that is exact under block-causal attention (the procedural model):
+# drop chunks after the last recomputed one, serve finished chunks from cached K/V.
+SELECTIVE_EXACT: dict[str, Any] = {"selective": "exact", "kv_cache_finished": True}
+# FBCache runs block 0 and blocks 1..L-1 as two passes: no K/V serving
+SELECTIVE_EXACT_NO_KV: dict[str, Any] = {"selective": "exact"}
+
+# The indicator of TeaCache's published polynomials is another model's; on the procedural model
+# the raw relative-L1 change (no polynomial) is used and the threshold is swept instead.
+TEACACHE_BASE: dict[str, Any] = {"rescale": None}
+
+# SCOPE's reference point for the sweep and ablations (tau_predict = RATIO x tau_cache)
+SCOPE_TAU_CACHE = 0.05
+SCOPE_RATIO = 3.0
+
+# Main knob per method and the values swept ("default" and "wide" sweeps)
+SWEEPS: dict[str, dict[str, Any]] = {
+    "default": {
+        "scope": [0.25, 0.5, 1.0, 2.0, 4.0],                 # multiples of (tau_cache, tau_predict)
+        "teacache": [0.05, 0.1, 0.2, 0.4],                   # threshold (global)
+        "flowcache": [0.01, 0.02, 0.04, 0.08],               # threshold (input indicator)
+        "taylorseer": [2, 3, 5],                             # interval
+        "fbcache": [0.05, 0.1, 0.2, 0.4],                    # threshold
+    },
+    "wide": {
+        "scope": [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
+        "teacache": [0.025, 0.05, 0.1, 0.2, 0.4, 0.8],
+        "flowcache": [0.005, 0.01, 0.02, 0.04, 0.08, 0.16],
+        "taylorseer": [2, 3, 4, 5, 7],
+        "fbcache": [0.025, 0.05, 0.1, 0.2, 0.4, 0.8],
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Cases: what to run
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One method at one setting. `config` is an AccelConfig dict; None = the plain model."""
+
+    method: str
+    setting: str
+    config: dict[str, Any] | None
+    group: str = "sweep"       # reference | default | sweep | ablation | control
+    series: str = ""           # plot line the point belongs to
+
+    def __post_init__(self) -> None:
+        if self.config is not None:
+            from scope.config import AccelConfig
+
+            AccelConfig.from_dict(self.config)   # validate early: a typo fails before any run
+
+
+def reference_case() -> BenchCase:
+    return BenchCase("none", "full compute (reference)", None, "reference", "reference")
+
+
+def scope_config(scale: float = 1.0, ratio: float = SCOPE_RATIO, tau_cache: float = SCOPE_TAU_CACHE,
+                 **overrides: Any) -> dict[str, Any]:
+    """SCOPE config dict at `scale` x (tau_cache, ratio x tau_cache), exact selective computation."""
+    tc = tau_cache * scale
+    return {"method": "scope", "tau_cache": tc, "tau_predict": tc * ratio, **SELECTIVE_EXACT, **overrides}
+
+
+def no_predict(config: dict[str, Any]) -> dict[str, Any]:
+    """The same SCOPE config with the Predict band emptied: acc >= tau_cache recomputes.
+
+    The config requires tau_cache < tau_predict (strict), so the band cannot be exactly empty;
+    tau_predict = the next float above tau_cache leaves no representable indicator value in it."""
+    return {**config, "tau_predict": math.nextafter(config["tau_cache"], math.inf)}
+
+
+def no_cache(config: dict[str, Any]) -> dict[str, Any]:
+    """The same SCOPE config without Cache: tau_cache = 0 (the indicator is never < 0)."""
+    return {**config, "tau_cache": 0.0}
+
+
+def bench_cases(methods: Sequence[str], sweep: str = "default") -> list[BenchCase]:
+    """Defaults, sweeps and ablations for the methods asked for ('none' adds the selective-only
+    ablation and the timing control; the reference always runs)."""
+    from scope.config import METHOD_CONFIGS
+
+    unknown = [m for m in methods if m not in METHOD_CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(METHOD_CONFIGS)}")
+    if sweep not in ("none", *SWEEPS):
+        raise ValueError(f"unknown sweep {sweep!r}; valid: none, {', '.join(SWEEPS)}")
+    values = SWEEPS.get(sweep, {})
+    cases: list[BenchCase] = []
+    # 1. each method at its shipped defaults (scope/config.py), as a user gets it
+    for m in methods:
+        if m == "none":
+            continue
+        base = {"method": m, **(TEACACHE_BASE if m == "teacache" else {})}
+        label = "defaults" + (" (no rescale polynomial)" if m == "teacache" else "")
+        cases.append(BenchCase(m, label, base, "default", f"{m} defaults"))
+    # 2. sweeps of the main knob, all with exact selective computation (free under causal attention)
+    for m in methods:
+        for v in values.get(m, []):
+            if m == "scope":
+                cfg = scope_config(v)
+                cases.append(BenchCase(m, f"x{v:g} tau=({cfg['tau_cache']:.3g},{cfg['tau_predict']:.3g}) sel=exact",
+                                       cfg, "sweep", "scope sel=exact+kv"))
+            elif m == "teacache":
+                for gran in ("global", "chunk"):
+                    cfg = {"method": m, **TEACACHE_BASE, "threshold": v, "granularity": gran, **SELECTIVE_EXACT}
+                    cases.append(BenchCase(m, f"{gran} thr={v:g} sel=exact", cfg, "sweep", f"teacache-{gran}"))
+            elif m == "flowcache":
+                cfg = {"method": m, "threshold": v, **SELECTIVE_EXACT}
+                cases.append(BenchCase(m, f"thr={v:g} sel=exact", cfg, "sweep", "flowcache"))
+            elif m == "taylorseer":
+                cfg = {"method": m, "interval": int(v), **SELECTIVE_EXACT}
+                cases.append(BenchCase(m, f"interval={int(v)} sel=exact", cfg, "sweep", "taylorseer"))
+            elif m == "fbcache":
+                cfg = {"method": m, "threshold": v, **SELECTIVE_EXACT_NO_KV}
+                cases.append(BenchCase(m, f"thr={v:g} sel=exact", cfg, "sweep", "fbcache"))
+    if sweep != "none" and "scope" in methods:
+        # SCOPE's selective mode at the reference thresholds
+        for sel in ({"selective": "off"}, {"selective": "approx", "kv_cache_finished": True, "kv_cache_stale": True}):
+            cfg = scope_config(1.0, **{"kv_cache_finished": False, **sel})
+            label = "x1 sel=" + sel["selective"] + (" +stale kv" if sel.get("kv_cache_stale") else "")
+            cases.append(BenchCase("scope", label, cfg, "sweep", "scope selective mode"))
+    # 3. ablations
+    if "none" in methods:
+        cases.append(BenchCase("none", "selective computation alone (exact + kv_cache_finished)",
+                               {"method": "none", **SELECTIVE_EXACT}, "ablation", "selective only"))
+    if "scope" in methods:
+        ref = scope_config(1.0)
+        cases.append(BenchCase("scope", "x1 without Predict (tau_predict = nextafter(tau_cache))",
+                               no_predict(ref), "ablation", "scope ablations"))
+        cases.append(BenchCase("scope", "x1 without Cache (tau_cache = 0)", no_cache(ref), "ablation",
+                               "scope ablations"))
+    if "none" in methods and sweep != "none":
+        cases.append(BenchCase("none", "reference again (timing control)", None, "control", "control"))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Running
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RunRecord:
+    """One generation of one case on one prompt."""
+
+    prompt: str
+    seed: int
+    wall_s: float
+    video: np.ndarray = field(repr=False)
+    cpu_s: float = 0.0          # process CPU time (all threads): a contention-robust cross-check
+    block_evals: int = 0
+    block_evals_full: int = 0
+    modes: dict[str, int] = field(default_factory=dict)
+    check: dict[str, Any] = field(default_factory=dict)
+
+
+def heldout_prompts(n: int) -> list[str]:
+    """The first n held-out captions (combinations never seen in training)."""
+    from pipelines.procedural.data import split_attributes
+
+    captions = [a.caption() for a in split_attributes().heldout]
+    if not 1 <= n <= len(captions):
+        raise ValueError(f"--prompts must be in [1, {len(captions)}] (held-out captions); got {n}")
+    return captions[:n]
+
+
+def generate_case(bundle: Any, case: BenchCase, prompt: str, frames: int, seed: int,
+                  **overrides: Any) -> RunRecord:
+    """Generate one video for a case (hooks applied outside the timed region) and check it."""
+    from pipelines.procedural.bundle import generate_video
+    from pipelines.procedural.checker import check_video
+    from pipelines.skyreels_v2.accel_adapter import WanStackAdapter
+    from scope.config import AccelConfig
+    from scope.hooks import apply_accel, remove_accel
+    from scope.stats import merge_stats
+
+    model = bundle.transformer
+    remove_accel(model)
+    accel = None
+    if case.config is not None:
+        accel = apply_accel(model, AccelConfig.from_dict(case.config), WanStackAdapter())
+    gc.collect()
+    try:
+        cpu_started, started = time.process_time(), time.perf_counter()
+        video, _, info = generate_video(bundle, prompt, frames, seed, accel=accel, **overrides)
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    finally:
+        remove_accel(model)
+    record = RunRecord(prompt, seed, wall, video, cpu)
+    parts = [s.accel_stats for s in info["result"].segments if s.accel_stats is not None]
+    if parts:
+        merged = merge_stats(prompt, parts)
+        record.block_evals, record.block_evals_full = merged.block_evals, merged.block_evals_full
+        record.modes = merged.modes.to_dict()
+    checked = check_video(video)
+    record.check = {"colour": checked.colour, "shape": checked.shape, "motion": checked.motion,
+                    **{f"{k}_ok": v for k, v in checked.agreement(prompt).items()}}
+    return record
+
+
+def summarise_case(case: BenchCase, runs: Sequence[RunRecord], refs: Sequence[RunRecord],
+                   run_info: dict[str, Any]) -> dict[str, Any]:
+    """One JSON row: method, setting, config, speedup, block_eval_fraction, psnr_db, ssim,
+    content_accuracy (+ per attribute), and the per-prompt details."""
+    is_reference = case.group == "reference"
+    per_prompt = []
+    for run, ref in zip(runs, refs, strict=True):
+        p = PSNR_CAP_DB if is_reference else psnr(run.video, ref.video)
+        s = 1.0 if is_reference else ssim(run.video, ref.video)
+        per_prompt.append({"prompt": run.prompt, "seed": run.seed, "wall_s": round(run.wall_s, 4),
+                           "reference_wall_s": round(ref.wall_s, 4), "cpu_s": round(run.cpu_s, 4),
+                           "speedup": ref.wall_s / run.wall_s, "psnr_db": p, "ssim": s,
+                           "block_evals": run.block_evals, "block_evals_full": run.block_evals_full,
+                           "check": run.check})
+    ref_wall, wall = sum(r.wall_s for r in refs), sum(r.wall_s for r in runs)
+    ref_cpu, cpu = sum(r.cpu_s for r in refs), sum(r.cpu_s for r in runs)
+    evals, full = sum(r.block_evals for r in runs), sum(r.block_evals_full for r in runs)
+    modes: dict[str, int] = {}
+    for r in runs:
+        for k, v in r.modes.items():
+            modes[k] = modes.get(k, 0) + v
+    attrs = ("colour", "shape", "motion")
+    agree = {k: float(np.mean([r.check[f"{k}_ok"] for r in runs])) for k in attrs}
+    all_ok = float(np.mean([all(r.check[f"{k}_ok"] for k in attrs) for r in runs]))
+    return {
+        "method": case.method, "setting": case.setting, "group": case.group, "series": case.series,
+        "config": case.config if case.config is not None else {"method": "none", "hooks": False},
+        "speedup": 1.0 if is_reference else ref_wall / wall,
+        "speedup_cpu": 1.0 if is_reference else (ref_cpu / cpu if cpu > 0 else float("nan")),
+        "block_eval_fraction": 1.0 if case.config is None else (evals / full if full else 1.0),
+        "psnr_db": float(np.mean([p["psnr_db"] for p in per_prompt])),
+        "psnr_db_min": float(np.min([p["psnr_db"] for p in per_prompt])),
+        "ssim": float(np.mean([p["ssim"] for p in per_prompt])),
+        "ssim_min": float(np.min([p["ssim"] for p in per_prompt])),
+        "content_accuracy": all_ok,
+        "content_accuracy_per_attribute": agree,
+        "wall_s": round(wall, 4), "reference_wall_s": round(ref_wall, 4), "cpu_s": round(cpu, 4),
+        "modes": modes, "per_prompt": per_prompt, "run": run_info,
+    }
+
+
+def run_bench_on(bundle: Any, cases: Sequence[BenchCase], prompts: Sequence[str], frames: int,
+                 seed: int = 0, threads: int | None = None, warmup: bool = True, repeats: int = 1,
+                 log: Log | None = print, **overrides: Any) -> list[dict[str, Any]]:
+    """Run the reference and every case on every prompt (reference first per prompt); rows out.
+
+    `repeats` > 1 runs the whole round (reference, then every case) again per prompt and keeps
+    each generation's fastest wall-clock: other processes on a shared machine only ever add
+    time, so the minimum is the least disturbed measurement (outputs are deterministic and are
+    taken from the first round). `overrides` are sampling settings for `generate_video`."""
+    log = log or (lambda _: None)
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1; got {repeats}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    ref_case = reference_case()
+    all_cases = [c for c in cases if c.group != "reference"]
+    if warmup:   # one untimed generation: lazy init, allocator, caches
+        generate_case(bundle, ref_case, prompts[0], min(frames, bundle.schedule_args(**overrides).base_num_frames
+                                                        or frames), seed, **overrides)
+    refs: list[RunRecord] = []
+    runs: dict[int, list[RunRecord]] = {i: [] for i in range(len(all_cases))}
+    started = time.perf_counter()
+    for p, prompt in enumerate(prompts):
+        s = seed + p
+        for rep in range(repeats):
+            ref = _keep_fastest(refs, p, generate_case(bundle, ref_case, prompt, frames, s, **overrides))
+            log(f"[{p + 1}/{len(prompts)}] {prompt!r} seed {s} round {rep + 1}/{repeats}: reference "
+                f"{ref.wall_s:.2f} s (checker: {ref.check['colour']} {ref.check['shape']} {ref.check['motion']})")
+            for i, case in enumerate(all_cases):
+                run = _keep_fastest(runs[i], p, generate_case(bundle, case, prompt, frames, s, **overrides))
+                frac = run.block_evals / run.block_evals_full if run.block_evals_full else 1.0
+                log(f"    {case.method:10s} {case.setting[:60]:60s} {run.wall_s:6.2f} s  "
+                    f"x{ref.wall_s / run.wall_s:4.2f}  evals {frac:5.3f}  PSNR {psnr(run.video, ref.video):6.2f}")
+    schedule = bundle.schedule_args(**overrides)
+    run_info = {"frames": frames, "prompts": list(prompts), "seed": seed, "threads": torch.get_num_threads(),
+                "repeats": repeats, "torch": torch.__version__, "machine": machine_description(),
+                "schedule": {k: getattr(schedule, k) for k in ("num_steps", "shift", "guidance_scale", "ar_step",
+                                                               "causal_block_size", "base_num_frames",
+                                                               "overlap_frames", "causal_attention")},
+                "bench_seconds": round(time.perf_counter() - started, 1)}
+    rows = [summarise_case(ref_case, refs, refs, run_info)]
+    rows += [summarise_case(case, runs[i], refs, run_info) for i, case in enumerate(all_cases)]
+    return rows
+
+
+def _keep_fastest(records: list[RunRecord], index: int, new: RunRecord) -> RunRecord:
+    """records[index] = the first run of this prompt, with the fastest wall / CPU time seen."""
+    if index == len(records):
+        records.append(new)
+    else:
+        old = records[index]
+        old.wall_s, old.cpu_s = min(old.wall_s, new.wall_s), min(old.cpu_s, new.cpu_s)
+    return records[index]
+
+
+def machine_description() -> str:
+    """CPU model, cores, accelerator (none on the bench machine)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} CPU cores, {gpu}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Output: table, plot, JSON
+# ---------------------------------------------------------------------------------------------
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Fixed-width table, one line per row, in bench order."""
+    head = (f"{'method':10s} {'setting':58s} {'speedup':>7s} {'(cpu)':>6s} {'evals':>6s} {'PSNR':>6s} {'min':>6s} "
+            f"{'SSIM':>6s} {'content':>7s}  {'col/shp/mot':>14s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        a = r["content_accuracy_per_attribute"]
+        lines.append(f"{r['method']:10s} {r['setting'][:58]:58s} {r['speedup']:7.2f} {r['speedup_cpu']:6.2f} "
+                     f"{r['block_eval_fraction']:6.3f} {r['psnr_db']:6.2f} {r['psnr_db_min']:6.2f} "
+                     f"{r['ssim']:6.4f} {r['content_accuracy']:7.2f}  "
+                     f"{a['colour']:4.2f}/{a['shape']:4.2f}/{a['motion']:4.2f}")
+    return "\n".join(lines)
+
+
+METHOD_COLOURS = {"scope": "tab:red", "teacache": "tab:blue", "flowcache": "tab:green",
+                  "taylorseer": "tab:purple", "fbcache": "tab:orange", "none": "black"}
+GROUP_MARKERS = {"default": "s", "sweep": "o", "ablation": "^"}
+
+
+def plot_bench(rows: Sequence[dict[str, Any]], path: str | Path, target_psnr: float = 30.0,
+               target_speedup: float = 5.0) -> None:
+    """PSNR (dB) vs speedup: one colour per method, sweeps as lines, defaults as squares,
+    ablations as triangles; points at the 100 dB cap (exact) sit on the top edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r["group"] not in ("reference", "control")]
+    finite = [r["psnr_db"] for r in points if r["psnr_db"] < PSNR_CAP_DB]
+    top = min(PSNR_CAP_DB, max([*finite, target_psnr]) + 6.0)
+    bottom = min([*finite, target_psnr]) - 3.0
+    fig, ax = plt.subplots(figsize=(10, 6))
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in points:
+        series.setdefault(r["series"] or r["method"], []).append(r)
+    for name, pts in series.items():
+        pts = sorted(pts, key=lambda r: r["speedup"])
+        group, method = pts[0]["group"], pts[0]["method"]
+        line = group == "sweep" and len(pts) > 1 and "selective mode" not in name
+        marker = "D" if "selective mode" in name else GROUP_MARKERS.get(group, "o")
+        ax.plot([r["speedup"] for r in pts], [min(r["psnr_db"], top) for r in pts],
+                marker=marker, linestyle=("--" if "chunk" in name else "-") if line else "none", color=METHOD_COLOURS.get(method, "grey"),
+                markerfacecolor="none" if group == "default" else None, label=name, markersize=6,
+                linewidth=2.2 if method == "scope" and line else 1.2)
+    ax.axhline(target_psnr, color="grey", linestyle="--", linewidth=0.8)
+    ax.axvline(target_speedup, color="grey", linestyle=":", linewidth=0.8)
+    ax.axvline(1.0, color="black", linewidth=0.5)
+    ax.set_ylim(bottom, top + 1)
+    ax.set_xlabel("speedup vs full compute (wall-clock ratio, same run)")
+    ax.set_ylabel(f"PSNR vs full compute (dB); exact runs ({PSNR_CAP_DB:g} dB cap) drawn at the top")
+    run = rows[0]["run"] if rows else {}
+    ax.set_title(f"procedural model: {len(run.get('prompts', []))} held-out prompts x {run.get('frames')} frames, "
+                 f"{run.get('threads')} threads", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Atomic write of the rows (a list of objects)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(list(rows), indent=1, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Entry point
+# ---------------------------------------------------------------------------------------------
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Sampling settings from the CLI (None = the bundle's defaults)."""
+    return {"num_inference_steps": getattr(args, "steps", None)}
+
+
+def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """`scope bench accel ...`: run, print the table, write JSON (and the plot)."""
+    if getattr(args, "target", "accel") != "accel":
+        raise ValueError("`scope bench cluster` is not part of this bench; use `scope bench accel` "
+                         "(methods side by side on the procedural model)")
+    from pipelines.procedural.bundle import load_bundle
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    cases = bench_cases(methods, args.sweep)
+    prompts = heldout_prompts(args.prompts)
+    bundle = load_bundle(args.model)
+    threads = getattr(args, "threads", None) or 2
+    print(f"scope bench: {len(cases) + 1} cases x {len(prompts)} prompts x {args.frames} frames, "
+          f"{threads} threads, model {bundle.path}", flush=True)
+    rows = run_bench_on(bundle, cases, prompts, args.frames, seed=args.seed, threads=threads,
+                        repeats=getattr(args, "repeats", 1) or 1, log=lambda s: print(s, flush=True),
+                        **sampling_overrides(args))
+    write_json(rows, args.json)
+    print(format_table(rows))
+    print(f"wrote {args.json}")
+    if args.plot:
+        plot_bench(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return rows
