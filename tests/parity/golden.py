@@ -26,6 +26,15 @@ def golden_root() -> Path:
     return REPO_ROOT.parent / "shared" / "reference" / "golden"
 
 
+def reference_root() -> Path:
+    """Reference facts (key listings): $SCOPE_REFERENCE_DIR, else ../shared/reference."""
+    configured = os.environ.get("SCOPE_REFERENCE_DIR")
+    if configured:
+        path = Path(configured)
+        return path if path.is_absolute() else (REPO_ROOT / path)
+    return REPO_ROOT.parent / "shared" / "reference"
+
+
 def discover(family: str, root: Path | None = None) -> list[Path]:
     """Every sub-directory holding a meta.json whose family is `family` (sorted by name)."""
     root = root or golden_root()

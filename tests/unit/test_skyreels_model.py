@@ -16,8 +16,9 @@ from pipelines.skyreels_v2.checkpoint import (CheckpointError, check_state_dict,
                                               load_transformer, save_transformer)
 from pipelines.skyreels_v2.model import WanDFConfig, WanDFTransformer
 from pipelines.skyreels_v2.sizes import SIZES, config_for
+from tests.parity.golden import reference_root
 
-KEYS_JSON = Path(__file__).resolve().parents[3] / "shared" / "reference" / "skyreels_v2_df_1.3b_keys.json"
+KEYS_JSON = reference_root() / "skyreels_v2_df_1.3b_keys.json"
 F, H, W = 4, 6, 8  # latent frames, height, width (non-square on purpose)
 
 
