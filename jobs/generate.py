@@ -102,12 +102,17 @@ class GenerateResult:
 
 # ------------------------------------------------------------------------------------ accel
 
-def build_accel_config(spec: GenerateSpec):
+def build_accel_config(spec: GenerateSpec, causal: bool = False):
     """The accelerator config: `--accel-config` file (its method must agree with `--accel`
-    unless `--accel` was left at none), else the method's defaults."""
+    unless `--accel` was left at none), else the method's defaults. On a block-causal model the
+    defaults add exact selective computation (drop chunks that cannot influence the active ones,
+    serve finished chunks' K/V): outputs stay equal to full compute (tested), so it is always on;
+    First-Block cache cannot serve K/V and keeps the plain defaults."""
     from scope.config import load_config, make_config
 
     if spec.accel_config is None:
+        if causal and spec.accel != "fbcache":
+            return make_config(spec.accel, selective="exact", kv_cache_finished=True)
         return make_config(spec.accel)
     config = load_config(spec.accel_config)
     if spec.accel not in ("none", config.method):
@@ -116,13 +121,13 @@ def build_accel_config(spec: GenerateSpec):
     return config
 
 
-def attach_accel(model: torch.nn.Module, spec: GenerateSpec):
+def attach_accel(model: torch.nn.Module, spec: GenerateSpec, causal: bool = False):
     """Apply the accelerator hooks to a Wan DF transformer (always, so stats are counted)."""
     from pipelines.skyreels_v2.accel_adapter import WanStackAdapter
     from scope.hooks import apply_accel, remove_accel
 
     remove_accel(model)
-    return apply_accel(model, build_accel_config(spec), WanStackAdapter())
+    return apply_accel(model, build_accel_config(spec, causal), WanStackAdapter())
 
 
 def summarize(spec: GenerateSpec, segments: list, wall_s: float, frames: int,
@@ -290,7 +295,7 @@ def sample_local(spec: GenerateSpec, job: PreparedVideo) -> tuple[Any, float]:
     """The DF pipeline in this process, accelerator hooks attached from outside."""
     from pipelines.skyreels_v2.pipeline import DFPipeline
 
-    accel = attach_accel(job.model, spec)
+    accel = attach_accel(job.model, spec, job.args.causal_attention)
     bar, progress = _progress_bar(spec, "denoising")
     started = time.perf_counter()
     try:
@@ -310,7 +315,8 @@ def sample_ray(spec: GenerateSpec, job: PreparedVideo) -> tuple[Any, float]:
 
     started = time.perf_counter()
     result = generate_on_ray(job.source, job.noise, job.context, job.negative, job.args,
-                             stages=spec.stages, replicas=spec.replicas, accel=build_accel_config(spec),
+                             stages=spec.stages, replicas=spec.replicas,
+                             accel=build_accel_config(spec, job.args.causal_attention),
                              addnoise_eps=torch.Generator().manual_seed(job.addnoise_seed),
                              request_id=f"generate-{spec.seed}", seed=spec.seed)
     return result, time.perf_counter() - started
@@ -327,6 +333,7 @@ def generate(spec: GenerateSpec) -> GenerateResult:
                       {"schedule": asdict(job.args), "backend": spec.backend, "stages": spec.stages,
                        "replicas": spec.replicas, **job.extra})
     stats["fps"] = job.fps
+    stats["accel_config"] = build_accel_config(spec, job.args.causal_attention).to_dict()
     return GenerateResult(frames, result.latents[:, :spec.frames] if _is_procedural(spec.model)
                           else result.latents, stats)
 
