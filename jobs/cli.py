@@ -78,6 +78,24 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def run_cluster_bench(args: argparse.Namespace) -> None:
+    """`scope bench cluster`: one-replica Ray vs in-process, stage busy fractions with several
+    micro-batches in flight, throughput per replica as replicas are added (one run)."""
+    import os
+    from pathlib import Path
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from cluster.bench import bench_cluster
+
+    report = bench_cluster()
+    text = report.to_json()
+    print(text)
+    target = "bench_cluster.json" if args.json == "bench.json" else args.json
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scope", description="SCOPE-Video: fast long-video generation "
                                      "with autoregressive video diffusion (Cache / Predict / Recompute).")
@@ -95,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from jobs.generate import run_generate
             run_generate(args)
+        elif args.command == "bench" and args.target == "cluster":
+            run_cluster_bench(args)
         elif args.command == "bench":
             from jobs.bench import run_bench
             run_bench(args)
