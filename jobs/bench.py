@@ -51,29 +51,36 @@ SELECTIVE_EXACT: dict[str, Any] = {"selective": "exact", "kv_cache_finished": Tr
 # FBCache runs block 0 and blocks 1..L-1 as two passes: no K/V serving
 SELECTIVE_EXACT_NO_KV: dict[str, Any] = {"selective": "exact"}
 
-# The indicator of TeaCache's published polynomials is another model's; on the procedural model
-# the raw relative-L1 change (no polynomial) is used and the threshold is swept instead.
-TEACACHE_BASE: dict[str, Any] = {"rescale": None}
+# TeaCache's published rescale polynomials were fitted on another model's indicator; the sweeps
+# use the raw relative-L1 change (no polynomial) and move the threshold instead.
+TEACACHE_SWEEP_BASE: dict[str, Any] = {"rescale": None}
 
-# SCOPE's reference point for the sweep and ablations (tau_predict = RATIO x tau_cache)
+# SCOPE's reference thresholds (scope/config.py defaults): the sweep scales both by `s`,
+# tau_predict = RATIO x tau_cache. The ablations sit at ABLATION_SCALE, a point of the sweep
+# where the scheduler does skip steps on the procedural model (at x1 it recomputes everything).
 SCOPE_TAU_CACHE = 0.05
 SCOPE_RATIO = 3.0
+ABLATION_SCALE = 4.0
 
-# Main knob per method and the values swept ("default" and "wide" sweeps)
-SWEEPS: dict[str, dict[str, Any]] = {
+# Main knob per method and the values swept. Ranges were set from traces of the shipped model's
+# indicators (per-step change: SCOPE probe ~0.10-0.15 per chunk, TeaCache global ~0.06,
+# FlowCache input 0.04-0.44, FBCache first-block residual 0.15-0.3).
+SWEEPS: dict[str, dict[str, list[float]]] = {
     "default": {
-        "scope": [0.25, 0.5, 1.0, 2.0, 4.0],                 # multiples of (tau_cache, tau_predict)
-        "teacache": [0.05, 0.1, 0.2, 0.4],                   # threshold (global)
-        "flowcache": [0.01, 0.02, 0.04, 0.08],               # threshold (input indicator)
-        "taylorseer": [2, 3, 5],                             # interval
-        "fbcache": [0.05, 0.1, 0.2, 0.4],                    # threshold
+        "scope": [2.0, 3.0, 4.0, 8.0],                       # multiples of (tau_cache, tau_predict)
+        "teacache-global": [0.03, 0.06, 0.12],               # threshold, one decision per window
+        "teacache-chunk": [0.15, 0.3],                       # threshold, one decision per chunk
+        "flowcache": [0.1, 0.2, 0.4],                        # threshold (input indicator)
+        "taylorseer": [2, 3, 5],                             # refresh interval
+        "fbcache": [0.2, 0.3, 0.5],                          # threshold
     },
     "wide": {
-        "scope": [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
-        "teacache": [0.025, 0.05, 0.1, 0.2, 0.4, 0.8],
-        "flowcache": [0.005, 0.01, 0.02, 0.04, 0.08, 0.16],
+        "scope": [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0],
+        "teacache-global": [0.02, 0.03, 0.045, 0.06, 0.09, 0.12, 0.24],
+        "teacache-chunk": [0.1, 0.15, 0.2, 0.3, 0.6],
+        "flowcache": [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.8],
         "taylorseer": [2, 3, 4, 5, 7],
-        "fbcache": [0.025, 0.05, 0.1, 0.2, 0.4, 0.8],
+        "fbcache": [0.1, 0.15, 0.2, 0.3, 0.5, 0.8],
     },
 }
 
@@ -135,49 +142,47 @@ def bench_cases(methods: Sequence[str], sweep: str = "default") -> list[BenchCas
         raise ValueError(f"unknown sweep {sweep!r}; valid: none, {', '.join(SWEEPS)}")
     values = SWEEPS.get(sweep, {})
     cases: list[BenchCase] = []
-    # 1. each method at its shipped defaults (scope/config.py), as a user gets it
+    # 1. each method exactly at its shipped defaults (scope/config.py), as a user gets it
     for m in methods:
-        if m == "none":
-            continue
-        base = {"method": m, **(TEACACHE_BASE if m == "teacache" else {})}
-        label = "defaults" + (" (no rescale polynomial)" if m == "teacache" else "")
-        cases.append(BenchCase(m, label, base, "default", f"{m} defaults"))
+        if m != "none":
+            cases.append(BenchCase(m, "defaults", {"method": m}, "default", f"{m} defaults"))
     # 2. sweeps of the main knob, all with exact selective computation (free under causal attention)
     for m in methods:
-        for v in values.get(m, []):
-            if m == "scope":
+        if m == "scope":
+            for v in values.get("scope", []):
                 cfg = scope_config(v)
                 cases.append(BenchCase(m, f"x{v:g} tau=({cfg['tau_cache']:.3g},{cfg['tau_predict']:.3g}) sel=exact",
                                        cfg, "sweep", "scope sel=exact+kv"))
-            elif m == "teacache":
-                for gran in ("global", "chunk"):
-                    cfg = {"method": m, **TEACACHE_BASE, "threshold": v, "granularity": gran, **SELECTIVE_EXACT}
-                    cases.append(BenchCase(m, f"{gran} thr={v:g} sel=exact", cfg, "sweep", f"teacache-{gran}"))
-            elif m == "flowcache":
-                cfg = {"method": m, "threshold": v, **SELECTIVE_EXACT}
-                cases.append(BenchCase(m, f"thr={v:g} sel=exact", cfg, "sweep", "flowcache"))
-            elif m == "taylorseer":
+        elif m == "teacache":
+            for gran in ("global", "chunk"):
+                for v in values.get(f"teacache-{gran}", []):
+                    cfg = {"method": m, **TEACACHE_SWEEP_BASE, "threshold": v, "granularity": gran, **SELECTIVE_EXACT}
+                    cases.append(BenchCase(m, f"{gran} thr={v:g} (no poly) sel=exact", cfg, "sweep",
+                                           f"teacache-{gran}"))
+        elif m in ("flowcache", "fbcache"):
+            sel = SELECTIVE_EXACT if m == "flowcache" else SELECTIVE_EXACT_NO_KV
+            for v in values.get(m, []):
+                cases.append(BenchCase(m, f"thr={v:g} sel=exact", {"method": m, "threshold": v, **sel}, "sweep", m))
+        elif m == "taylorseer":
+            for v in values.get(m, []):
                 cfg = {"method": m, "interval": int(v), **SELECTIVE_EXACT}
-                cases.append(BenchCase(m, f"interval={int(v)} sel=exact", cfg, "sweep", "taylorseer"))
-            elif m == "fbcache":
-                cfg = {"method": m, "threshold": v, **SELECTIVE_EXACT_NO_KV}
-                cases.append(BenchCase(m, f"thr={v:g} sel=exact", cfg, "sweep", "fbcache"))
+                cases.append(BenchCase(m, f"interval={int(v)} sel=exact", cfg, "sweep", m))
     if sweep != "none" and "scope" in methods:
-        # SCOPE's selective mode at the reference thresholds
+        # SCOPE's selective mode at the ablation thresholds
         for sel in ({"selective": "off"}, {"selective": "approx", "kv_cache_finished": True, "kv_cache_stale": True}):
-            cfg = scope_config(1.0, **{"kv_cache_finished": False, **sel})
-            label = "x1 sel=" + sel["selective"] + (" +stale kv" if sel.get("kv_cache_stale") else "")
+            cfg = scope_config(ABLATION_SCALE, **{"kv_cache_finished": False, **sel})
+            label = f"x{ABLATION_SCALE:g} sel=" + sel["selective"] + (" +stale kv" if sel.get("kv_cache_stale") else "")
             cases.append(BenchCase("scope", label, cfg, "sweep", "scope selective mode"))
     # 3. ablations
     if "none" in methods:
         cases.append(BenchCase("none", "selective computation alone (exact + kv_cache_finished)",
                                {"method": "none", **SELECTIVE_EXACT}, "ablation", "selective only"))
     if "scope" in methods:
-        ref = scope_config(1.0)
-        cases.append(BenchCase("scope", "x1 without Predict (tau_predict = nextafter(tau_cache))",
+        ref = scope_config(ABLATION_SCALE)
+        cases.append(BenchCase("scope", f"x{ABLATION_SCALE:g} without Predict (tau_predict = nextafter(tau_cache))",
                                no_predict(ref), "ablation", "scope ablations"))
-        cases.append(BenchCase("scope", "x1 without Cache (tau_cache = 0)", no_cache(ref), "ablation",
-                               "scope ablations"))
+        cases.append(BenchCase("scope", f"x{ABLATION_SCALE:g} without Cache (tau_cache = 0)", no_cache(ref),
+                               "ablation", "scope ablations"))
     if "none" in methods and sweep != "none":
         cases.append(BenchCase("none", "reference again (timing control)", None, "control", "control"))
     return cases
@@ -381,8 +386,9 @@ GROUP_MARKERS = {"default": "s", "sweep": "o", "ablation": "^"}
 
 def plot_bench(rows: Sequence[dict[str, Any]], path: str | Path, target_psnr: float = 30.0,
                target_speedup: float = 5.0) -> None:
-    """PSNR (dB) vs speedup: one colour per method, sweeps as lines, defaults as squares,
-    ablations as triangles; points at the 100 dB cap (exact) sit on the top edge."""
+    """PSNR (dB) vs speedup (left: measured wall-clock; right: 1 / block_eval_fraction, the
+    machine-independent compute ratio). One colour per method, sweeps as lines, defaults as open
+    squares, ablations as triangles; points at the 100 dB cap (exact) sit on the top edge."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,33 +398,39 @@ def plot_bench(rows: Sequence[dict[str, Any]], path: str | Path, target_psnr: fl
     finite = [r["psnr_db"] for r in points if r["psnr_db"] < PSNR_CAP_DB]
     top = min(PSNR_CAP_DB, max([*finite, target_psnr]) + 6.0)
     bottom = min([*finite, target_psnr]) - 3.0
-    fig, ax = plt.subplots(figsize=(10, 6))
     series: dict[str, list[dict[str, Any]]] = {}
     for r in points:
         series.setdefault(r["series"] or r["method"], []).append(r)
-    for name, pts in series.items():
-        pts = sorted(pts, key=lambda r: r["speedup"])
-        group, method = pts[0]["group"], pts[0]["method"]
-        line = group == "sweep" and len(pts) > 1 and "selective mode" not in name
-        marker = "D" if "selective mode" in name else GROUP_MARKERS.get(group, "o")
-        ax.plot([r["speedup"] for r in pts], [min(r["psnr_db"], top) for r in pts],
-                marker=marker, linestyle=("--" if "chunk" in name else "-") if line else "none", color=METHOD_COLOURS.get(method, "grey"),
-                markerfacecolor="none" if group == "default" else None, label=name, markersize=6,
-                linewidth=2.2 if method == "scope" and line else 1.2)
-    ax.axhline(target_psnr, color="grey", linestyle="--", linewidth=0.8)
-    ax.axvline(target_speedup, color="grey", linestyle=":", linewidth=0.8)
-    ax.axvline(1.0, color="black", linewidth=0.5)
-    ax.set_ylim(bottom, top + 1)
-    ax.set_xlabel("speedup vs full compute (wall-clock ratio, same run)")
-    ax.set_ylabel(f"PSNR vs full compute (dB); exact runs ({PSNR_CAP_DB:g} dB cap) drawn at the top")
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6), sharey=True)
+    panels = (("speedup", "speedup vs full compute (wall-clock ratio, same run)"),
+              ("compute", "1 / block_eval_fraction (transformer block evaluations saved)"))
+    for ax, (key, xlabel) in zip(axes, panels):
+        def x_of(r: dict[str, Any]) -> float:
+            return r["speedup"] if key == "speedup" else 1.0 / r["block_eval_fraction"]
+
+        for name, pts in series.items():
+            pts = sorted(pts, key=x_of)
+            group, method = pts[0]["group"], pts[0]["method"]
+            line = group == "sweep" and len(pts) > 1 and "selective mode" not in name
+            marker = "D" if "selective mode" in name else GROUP_MARKERS.get(group, "o")
+            ax.plot([x_of(r) for r in pts], [min(r["psnr_db"], top) for r in pts], marker=marker,
+                    linestyle=("--" if "chunk" in name else "-") if line else "none",
+                    color=METHOD_COLOURS.get(method, "grey"), markerfacecolor="none" if group == "default" else None,
+                    label=name, markersize=6, linewidth=2.2 if method == "scope" and line else 1.2)
+        ax.axhline(target_psnr, color="grey", linestyle="--", linewidth=0.8)
+        ax.axvline(target_speedup, color="grey", linestyle=":", linewidth=0.8)
+        ax.axvline(1.0, color="black", linewidth=0.5)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(bottom, top + 1)
+    axes[0].set_ylabel(f"PSNR vs full compute (dB); exact runs ({PSNR_CAP_DB:g} dB cap) at the top")
     run = rows[0]["run"] if rows else {}
-    ax.set_title(f"procedural model: {len(run.get('prompts', []))} held-out prompts x {run.get('frames')} frames, "
-                 f"{run.get('threads')} threads", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(f"procedural model: {len(run.get('prompts', []))} held-out prompts x {run.get('frames')} frames, "
+                 f"{run.get('threads')} thread(s), best of {run.get('repeats', 1)} timing round(s)", fontsize=10)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
