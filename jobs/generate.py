@@ -361,6 +361,7 @@ def run_generate(args: argparse.Namespace) -> None:
     result = generate(spec)
     write_outputs(spec, result)
     s = result.stats
-    print(f"wrote {spec.out}: {s['frames']} frames in {s['wall_s']:.1f} s, accel {spec.accel}, "
+    print(f"wrote {spec.out}: {s['frames']} frames in {s['wall_s']:.1f} s, "
+          f"accel {s['accel_config']['method']}, "
           f"block evals {s['block_evals']}/{s['block_evals_full']} "
           f"({100 * s['block_eval_fraction']:.0f}%), modes {s['modes']}")
