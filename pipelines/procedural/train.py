@@ -66,6 +66,7 @@ class ModelSize:
     freq_dim: int = 128
     text_len: int = 8      # longest caption is 5 words + <eos>
     text_dim: int = 64
+    qk_norm_init: float = 1.0           # initial q/k RMSNorm weight: attention logits scale by its square
 
     def wan_config(self) -> WanDFConfig:
         return WanDFConfig(dim=self.dim, ffn_dim=self.ffn_dim, num_heads=self.num_heads,
@@ -124,8 +125,10 @@ SAMPLING_DEFAULTS: dict[str, object] = {
 
 # ----------------------------------------------------------------------------- 2. model set-up
 
-def init_weights(model: WanDFTransformer) -> None:
-    """Wan's initialisation: xavier linears, small text/time embeddings, zero output head."""
+def init_weights(model: WanDFTransformer, qk_norm_init: float = 1.0) -> None:
+    """Wan's initialisation (xavier linears, small text/time embeddings, zero output head), and q/k
+    norm weights at `qk_norm_init`: with q/k RMS-normalised, a head of width d has logits of at most
+    w^2 sqrt(d), so small heads start (and long stay) nearly uniform over 1024 tokens at w = 1."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -136,6 +139,10 @@ def init_weights(model: WanDFTransformer) -> None:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
     nn.init.zeros_(model.head.head.weight)
+    for block in model.blocks:
+        for attn in (block.self_attn, block.cross_attn):
+            for norm in (attn.norm_q, attn.norm_k):
+                nn.init.constant_(norm.weight, qk_norm_init)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -215,7 +222,7 @@ def train(cfg: TrainConfig, seed: int = 0, log: bool = True) -> TrainResult:
     codec = fit_default_codec(num_clips=cfg.codec_clips, config=ClipConfig())
     text_encoder = TextEncoder(caption_vocabulary(), text_len=cfg.model.text_len, text_dim=cfg.model.text_dim)
     model = WanDFTransformer(cfg.model.wan_config())
-    init_weights(model)
+    init_weights(model, cfg.model.qk_norm_init)
     params = list(model.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
     decay_params = [p for p in params if p.dim() >= 2]
