@@ -50,6 +50,13 @@ Log = Callable[[str], None]
 SELECTIVE_EXACT: dict[str, Any] = {"selective": "exact", "kv_cache_finished": True}
 # FBCache runs block 0 and blocks 1..L-1 as two passes: no K/V serving
 SELECTIVE_EXACT_NO_KV: dict[str, Any] = {"selective": "exact"}
+# Under block-causal attention with an asynchronous schedule, the noisiest chunks (in warm-up,
+# recomputing) come after the ones SCOPE would skip, so under "exact" a skipped chunk still runs
+# as their context. Stale K/V lets it serve the keys/values of its last run instead (error of
+# the same order as its cached output). All finished chunks stay (served from exact K/V):
+# context_chunks larger than any window keeps every one of them.
+SELECTIVE_STALE_KV: dict[str, Any] = {"selective": "approx", "context_chunks": 1024,
+                                      "kv_cache_finished": True, "kv_cache_stale": True}
 
 # TeaCache's published rescale polynomials were fitted on another model's indicator; the sweeps
 # use the raw relative-L1 change (no polynomial) and move the threshold instead.
@@ -68,6 +75,7 @@ ABLATION_SCALE = 4.0
 SWEEPS: dict[str, dict[str, list[float]]] = {
     "default": {
         "scope": [2.0, 3.0, 4.0, 8.0],                       # multiples of (tau_cache, tau_predict)
+        "scope-stale": [1.0, 2.0, 4.0, 8.0],                 # the same, with stale K/V (approx)
         "teacache-global": [0.03, 0.06, 0.12],               # threshold, one decision per window
         "teacache-chunk": [0.15, 0.3],                       # threshold, one decision per chunk
         "flowcache": [0.1, 0.2, 0.4],                        # threshold (input indicator)
@@ -76,6 +84,7 @@ SWEEPS: dict[str, dict[str, list[float]]] = {
     },
     "wide": {
         "scope": [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0],
+        "scope-stale": [0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0],
         "teacache-global": [0.02, 0.03, 0.045, 0.06, 0.09, 0.12, 0.24],
         "teacache-chunk": [0.1, 0.15, 0.2, 0.3, 0.6],
         "flowcache": [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.8],
@@ -153,6 +162,10 @@ def bench_cases(methods: Sequence[str], sweep: str = "default") -> list[BenchCas
                 cfg = scope_config(v)
                 cases.append(BenchCase(m, f"x{v:g} tau=({cfg['tau_cache']:.3g},{cfg['tau_predict']:.3g}) sel=exact",
                                        cfg, "sweep", "scope sel=exact+kv"))
+            for v in values.get("scope-stale", []):
+                cfg = scope_config(v, **SELECTIVE_STALE_KV)
+                cases.append(BenchCase(m, f"x{v:g} tau=({cfg['tau_cache']:.3g},{cfg['tau_predict']:.3g}) stale kv",
+                                       cfg, "sweep", "scope stale kv"))
         elif m == "teacache":
             for gran in ("global", "chunk"):
                 for v in values.get(f"teacache-{gran}", []):

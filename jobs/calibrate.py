@@ -56,9 +56,10 @@ class Evaluation:
     block_eval_fraction: float
     speedup: float
     passed: bool
+    family: str = "exact"         # which base configuration (see `base_families`)
 
     def line(self) -> str:
-        return (f"tau_cache={self.config['tau_cache']:.4g} tau_predict={self.config['tau_predict']:.4g} "
+        return (f"[{self.family}] tau_cache={self.config['tau_cache']:.4g} tau_predict={self.config['tau_predict']:.4g} "
                 f"(s={self.scale:.4g}, r={self.ratio:g}): PSNR min {self.psnr_min:6.2f} mean {self.psnr_mean:6.2f}, "
                 f"evals {self.block_eval_fraction:.3f}, speedup x{self.speedup:.2f} "
                 f"-> {'pass' if self.passed else 'FAIL'}")
@@ -99,11 +100,25 @@ def base_config(bundle: Any, **overrides: Any) -> dict[str, Any]:
     return {"method": "scope", **sel}
 
 
+def base_families(bundle: Any, **overrides: Any) -> dict[str, dict[str, Any]]:
+    """The configurations the thresholds are searched in: exact selective computation, and on
+    block-causal models also stale K/V for skipped context chunks (`jobs.bench.SELECTIVE_STALE_KV`),
+    which skips far more under asynchronous schedules at a measured quality cost."""
+    from jobs.bench import SELECTIVE_STALE_KV
+
+    families = {"exact": base_config(bundle, **overrides)}
+    if bundle.schedule_args(**overrides).causal_attention:
+        families["stale-kv"] = {"method": "scope", **SELECTIVE_STALE_KV}
+    return families
+
+
 def calibrate(bundle: Any, prompts: Sequence[str], frames: int, target_psnr: float = 30.0,
               seed: int = 0, ratios: Sequence[float] = DEFAULT_RATIOS, tau0: float | None = None,
               bisect_steps: int = 3, base: dict[str, Any] | None = None, threads: int | None = None,
-              log: Log | None = print, **overrides: Any) -> CalibrationResult:
-    """Search tau_cache / tau_predict as described in the module docstring."""
+              log: Log | None = print, families: dict[str, dict[str, Any]] | None = None,
+              **overrides: Any) -> CalibrationResult:
+    """Search tau_cache / tau_predict as described in the module docstring, in every family of
+    base configurations (`base` alone = one family; default `base_families`)."""
     from scope.config import ScopeConfig, make_config
 
     log = log or (lambda _: None)
@@ -111,7 +126,10 @@ def calibrate(bundle: Any, prompts: Sequence[str], frames: int, target_psnr: flo
         torch.set_num_threads(threads)
     if not ratios or any(r <= 1.0 for r in ratios):
         raise ValueError(f"ratios (tau_predict / tau_cache) must be > 1, e.g. 2,4; got {list(ratios)}")
-    base = dict(base if base is not None else base_config(bundle, **overrides))
+    if families is None:
+        families = {"given": dict(base)} if base is not None else base_families(bundle, **overrides)
+    if not families:
+        raise ValueError("calibrate needs at least one base configuration family")
     tau0 = ScopeConfig().tau_cache if tau0 is None else tau0
 
     # 1. references (plain model), after one untimed warm-up
@@ -123,21 +141,46 @@ def calibrate(bundle: Any, prompts: Sequence[str], frames: int, target_psnr: flo
     ref_wall = sum(r.wall_s for r in refs)
     log(f"calibrate: {len(prompts)} training-split prompts x {frames} frames, reference {ref_wall:.1f} s, "
         f"target min PSNR {target_psnr:g} dB")
-    cache: dict[tuple[float, float], Evaluation] = {}
+    cache: dict[tuple[str, float, float], Evaluation] = {}
+    everything: list[Evaluation] = []
+    for family, base in families.items():
+        log(f" family {family}: {json.dumps(base)}")
+        everything += _search_family(bundle, prompts, frames, refs, ref_wall, base, family, ratios, tau0,
+                                     target_psnr, seed, bisect_steps, cache, log, overrides)
+
+    # 4. choose
+    passing = [e for e in everything if e.passed]
+    best = _best(passing) if passing else None
+    if best is not None:
+        config = best.config
+    else:   # nothing kept the target: never skip a step (Predict band empty, no Cache)
+        first = next(iter(families.values()))
+        config = make_config(**{**first, "tau_cache": 0.0, "tau_predict": math.nextafter(0.0, 1.0)}).to_dict()
+    config = {k: v for k, v in config.items() if k != "trace"}
+    return CalibrationResult(config, best, sorted(everything, key=lambda e: (e.family, e.ratio, e.scale)),
+                             target_psnr, list(prompts), frames, ref_wall)
+
+
+def _search_family(bundle: Any, prompts: Sequence[str], frames: int, refs: Sequence[RunRecord], ref_wall: float,
+                   base: dict[str, Any], family: str, ratios: Sequence[float], tau0: float, target_psnr: float,
+                   seed: int, bisect_steps: int, cache: dict[tuple[str, float, float], Evaluation], log: Log,
+                   overrides: dict[str, Any]) -> list[Evaluation]:
+    """Steps 2 and 3 of the module docstring in one family of base configurations."""
+    from scope.config import make_config
 
     def evaluate(scale: float, ratio: float) -> Evaluation:
-        key = (round(math.log2(scale), 6), ratio)
+        key = (family, round(math.log2(scale), 6), ratio)
         if key in cache:
             return cache[key]
         tc = tau0 * scale
         cfg = make_config(**{**base, "tau_cache": tc, "tau_predict": tc * ratio}).to_dict()
-        case = BenchCase("scope", f"s={scale:g} r={ratio:g}", cfg, "sweep")
+        case = BenchCase("scope", f"{family} s={scale:g} r={ratio:g}", cfg, "sweep")
         runs = [generate_case(bundle, case, p, frames, seed + i, **overrides) for i, p in enumerate(prompts)]
         values = [psnr(run.video, ref.video) for run, ref in zip(runs, refs)]
         evals, full = sum(r.block_evals for r in runs), sum(r.block_evals_full for r in runs)
         ev = Evaluation(scale, ratio, cfg, float(min(values)), float(np.mean(values)),
                         evals / full if full else 1.0, ref_wall / sum(r.wall_s for r in runs),
-                        bool(min(values) >= target_psnr))
+                        bool(min(values) >= target_psnr), family)
         cache[key] = ev
         log("  " + ev.line())
         return ev
@@ -170,7 +213,8 @@ def calibrate(bundle: Any, prompts: Sequence[str], frames: int, target_psnr: flo
         brackets[ratio] = (lo, hi)
 
     # 3. bisection on the scale for the ratio whose passing point is cheapest
-    passing = [e for e in cache.values() if e.passed]
+    mine = lambda: [e for k, e in cache.items() if k[0] == family]  # noqa: E731
+    passing = [e for e in mine() if e.passed]
     if passing:
         ratio = _best(passing).ratio
         lo, hi = brackets[ratio]
@@ -182,16 +226,7 @@ def calibrate(bundle: Any, prompts: Sequence[str], frames: int, target_psnr: flo
                 else:
                     hi = mid
 
-    # 4. choose
-    passing = [e for e in cache.values() if e.passed]
-    best = _best(passing) if passing else None
-    if best is not None:
-        config = best.config
-    else:   # nothing kept the target: never skip a step (Predict band empty, no Cache)
-        config = make_config(**{**base, "tau_cache": 0.0, "tau_predict": math.nextafter(0.0, 1.0)}).to_dict()
-    config = {k: v for k, v in config.items() if k != "trace"}
-    return CalibrationResult(config, best, sorted(cache.values(), key=lambda e: (e.ratio, e.scale)),
-                             target_psnr, list(prompts), frames, ref_wall)
+    return mine()
 
 
 def _best(evaluations: Sequence[Evaluation]) -> Evaluation:

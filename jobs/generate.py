@@ -191,6 +191,7 @@ class PreparedVideo:
     decode: Any                       # latents [C, F, h, w] -> uint8 [T, H, W, 3]
     fps: int
     extra: dict[str, Any]
+    prefix: torch.Tensor | None = None  # [C, P, h, w] clean latents that start the video (not in the output)
 
 
 def prepare_procedural(spec: GenerateSpec) -> PreparedVideo:
@@ -209,18 +210,18 @@ def prepare_procedural(spec: GenerateSpec) -> PreparedVideo:
         context = bundle.text_encoder([spec.prompt])
         negative = bundle.text_encoder([spec.negative_prompt])
     cbs = args.causal_block_size
-    latent_frames = math.ceil(spec.frames / cbs) * cbs
-    size = (bundle.defaults.get("height", 64) // bundle.codec.patch,
-            bundle.defaults.get("width", 64) // bundle.codec.patch)
-    noise = torch.randn(bundle.codec.channels, latent_frames, *size,
+    reference = bundle.reference_latents(cbs)          # the empty scene that starts the video, or None
+    skip = 0 if reference is None else reference.shape[1]
+    latent_frames = skip + math.ceil(spec.frames / cbs) * cbs
+    noise = torch.randn(bundle.codec.channels, latent_frames, *bundle.latent_size(),
                         generator=torch.Generator().manual_seed(spec.seed))
 
     def decode(latents: torch.Tensor) -> np.ndarray:
-        return bundle.codec.decode(latents[:, :spec.frames])
+        return bundle.codec.decode(latents[:, skip:skip + spec.frames])
 
     return PreparedVideo(bundle.transformer, str(bundle.path), noise, context, negative, args,
                          spec.seed + 1, decode, spec.fps or int(bundle.defaults.get("fps", 8)),
-                         {"decode": "procedural codec"})
+                         {"decode": "procedural codec"}, prefix=reference)
 
 
 def _load_context(spec: GenerateSpec, text_len: int, text_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +301,8 @@ def sample_local(spec: GenerateSpec, job: PreparedVideo) -> tuple[Any, float]:
     started = time.perf_counter()
     try:
         result = DFPipeline(job.model, accel=accel).generate(
-            job.noise, job.context, job.negative, job.args, request_id=f"generate-{spec.seed}",
+            job.noise, job.context, job.negative, job.args, prefix_latents=job.prefix,
+            request_id=f"generate-{spec.seed}",
             addnoise_eps=torch.Generator().manual_seed(job.addnoise_seed), progress=progress)
     finally:
         if bar is not None:
@@ -316,7 +318,7 @@ def sample_ray(spec: GenerateSpec, job: PreparedVideo) -> tuple[Any, float]:
     started = time.perf_counter()
     result = generate_on_ray(job.source, job.noise, job.context, job.negative, job.args,
                              stages=spec.stages, replicas=spec.replicas,
-                             accel=build_accel_config(spec, job.args.causal_attention),
+                             accel=build_accel_config(spec, job.args.causal_attention), prefix_latents=job.prefix,
                              addnoise_eps=torch.Generator().manual_seed(job.addnoise_seed),
                              request_id=f"generate-{spec.seed}", seed=spec.seed)
     return result, time.perf_counter() - started
@@ -334,7 +336,8 @@ def generate(spec: GenerateSpec) -> GenerateResult:
                        "replicas": spec.replicas, **job.extra})
     stats["fps"] = job.fps
     stats["accel_config"] = build_accel_config(spec, job.args.causal_attention).to_dict()
-    return GenerateResult(frames, result.latents[:, :spec.frames] if _is_procedural(spec.model)
+    skip = 0 if job.prefix is None else job.prefix.shape[1]
+    return GenerateResult(frames, result.latents[:, skip:skip + spec.frames] if _is_procedural(spec.model)
                           else result.latents, stats)
 
 

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines.procedural.codec import PatchCodec
+from pipelines.procedural.data import ClipConfig, empty_scene
 from pipelines.procedural.text import TextEncoder, tokenize
 from pipelines.skyreels_v2.checkpoint import load_transformer
 from pipelines.skyreels_v2.model import WanDFTransformer
@@ -52,6 +53,19 @@ class ProceduralBundle:
     @property
     def vocabulary(self) -> list[str]:
         return sorted(self.text_encoder.vocab[1:])
+
+    def reference_latents(self, causal_block_size: int) -> torch.Tensor | None:
+        """Clean latents [C, cbs, h, w] of the empty scene that start every video, or None when
+        the weights were trained without a reference block (`pipeline.json` "reference_block")."""
+        if not self.defaults.get("reference_block", False):
+            return None
+        scene = empty_scene(ClipConfig(height=self.defaults.get("height", 64), width=self.defaults.get("width", 64),
+                                       num_frames=causal_block_size,
+                                       background_style=self.defaults.get("background_style", "position")))
+        return self.codec.encode(scene[None])[0]
+
+    def latent_size(self) -> tuple[int, int]:
+        return self.defaults.get("height", 64) // self.codec.patch, self.defaults.get("width", 64) // self.codec.patch
 
     def schedule_args(self, **overrides: Any) -> ScheduleArgs:
         """ScheduleArgs from the defaults; overrides by pipeline.json or ScheduleArgs name (None = default)."""
@@ -129,19 +143,21 @@ def generate_video(bundle: ProceduralBundle, prompt: str, frames: int, seed: int
     request_id = overrides.pop("request_id", None) or f"procedural-{seed}"
     args = bundle.schedule_args(**overrides)
 
-    # 1. text and noise; latent frames rounded up to whole causal blocks, trimmed after decoding
+    # 1. text, reference block and noise; latent frames rounded up to whole causal blocks,
+    #    the reference block and the rounding trimmed before decoding
     context = bundle.text_encoder([prompt])                       # [1, L, text_dim]
     negative = bundle.text_encoder([negative_prompt])             # '' = the null caption
     cbs = args.causal_block_size
-    latent_frames = math.ceil(frames / cbs) * cbs
-    size = bundle.defaults.get("height", 64) // bundle.codec.patch, bundle.defaults.get("width", 64) // bundle.codec.patch
+    reference = bundle.reference_latents(cbs)                     # [C, cbs, h, w] or None
+    skip = 0 if reference is None else reference.shape[1]
+    latent_frames = skip + math.ceil(frames / cbs) * cbs
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(bundle.codec.channels, latent_frames, *size, generator=gen)
+    noise = torch.randn(bundle.codec.channels, latent_frames, *bundle.latent_size(), generator=gen)
     # 2. sample (segments overlap in latent space), 3. decode
     pipe = DFPipeline(bundle.transformer, accel=accel)
-    result: DFResult = pipe.generate(noise, context, negative, args, addnoise_eps=gen, request_id=request_id,
-                                     progress=progress, on_row=on_row)
-    latents = result.latents[:, :frames]
+    result: DFResult = pipe.generate(noise, context, negative, args, prefix_latents=reference, addnoise_eps=gen,
+                                     request_id=request_id, progress=progress, on_row=on_row)
+    latents = result.latents[:, skip:skip + frames]
     video = bundle.codec.decode(latents)                          # [T, H, W, 3] uint8
     info = {"prompt": prompt, "seed": seed, "frames": frames, "schedule": args,
             "segments": len(result.segments), "model_calls": sum(s.model_calls for s in result.segments),

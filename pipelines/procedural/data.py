@@ -53,6 +53,11 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "slate": (25, 45, 55),
 }
 
+# The "position" background: dark, and a different colour at every pixel (red grows to the right,
+# blue downwards). The Wan transformer only has relative (RoPE) positions, so a token can only
+# learn where it is in the frame from content; a clean frame of this background gives it that.
+POSITION_BACKGROUND = {"top_left": (15, 25, 15), "right": (50, 0, 0), "down": (0, 0, 50)}
+
 # unit direction per straight motion, image coordinates (x right, y down)
 _DIRECTIONS: dict[str, tuple[float, float]] = {
     "left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0),
@@ -194,6 +199,13 @@ class ClipConfig:
     half_size: tuple[float, float] = (6.0, 9.0)   # object half-extent (px at 64)
     speed: tuple[float, float] = (1.5, 2.5)       # px per frame at 64: 12-20 px over 8 frames
     gradient_probability: float = 0.5
+    # Layout controls. The defaults draw everything at random; the training distribution pins the
+    # start at the centre, one background and one bounce angle (see `TRAINING_CLIPS`), so that a
+    # caption decides the first frame and a clean prefix decides the rest.
+    start_position: str = "random"                # "random" or "centre"
+    background_style: str = "random"              # "random" (BACKGROUNDS, gradients) or "position" (POSITION_BACKGROUND)
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+    bounce_angle: float | None = None             # degrees (0 = right, 90 = down); None = random diagonal
 
     def __post_init__(self) -> None:
         if self.height < 16 or self.width < 16:
@@ -210,10 +222,31 @@ class ClipConfig:
                              f"(e.g. (1.5, 2.5)); got {self.speed}")
         if not 0.0 <= self.gradient_probability <= 1.0:
             raise ValueError(f"gradient_probability must be in [0, 1]; got {self.gradient_probability}")
+        if self.background_style not in ("random", "position"):
+            raise ValueError(f"background_style must be 'random' or 'position'; got {self.background_style!r}")
+        if self.start_position not in ("random", "centre"):
+            raise ValueError(f"start_position must be 'random' or 'centre'; got {self.start_position!r}")
+        unknown = [b for b in self.backgrounds if b not in BACKGROUNDS]
+        if not self.backgrounds or unknown:
+            raise ValueError(f"backgrounds must be a non-empty subset of {list(BACKGROUNDS)}; got {self.backgrounds}")
+        if self.bounce_angle is not None and not math.isfinite(self.bounce_angle):
+            raise ValueError(f"bounce_angle must be a finite angle in degrees (e.g. 45) or None; got {self.bounce_angle}")
 
     @property
     def scale(self) -> float:
         return min(self.height, self.width) / 64.0
+
+
+# The training distribution: the object starts at the centre, with one size, speed and bounce
+# angle, over the "position" background, and every video starts from a clean block of that
+# background without the object (`empty_scene`). The caption then decides the first frames and
+# the clean frames tell each token where it is, so a small model trained for minutes on a CPU
+# learns to draw one object. (Session-1 weights, trained on random layouts without a reference,
+# condensed object pieces all over the frame: Wan's RoPE is relative, so at pure noise no token
+# knows where it is and nothing breaks the symmetry.) Later frames follow from a clean prefix:
+# training renders clips that start at a random time of the endless motion when they have one.
+TRAINING_CLIPS = ClipConfig(num_frames=16, half_size=(7.5, 7.5), speed=(2.0, 2.0), gradient_probability=0.0,
+                            start_position="centre", background_style="position", bounce_angle=45.0)
 
 
 @dataclass(frozen=True)
@@ -248,15 +281,19 @@ def sample_spec(attributes: Attributes, config: ClipConfig, rng: np.random.Gener
     margin = half + 1.0
     x0 = rng.uniform(margin, config.width - margin)
     y0 = rng.uniform(margin, config.height - margin)
+    if config.start_position == "centre":
+        x0, y0 = config.width / 2, config.height / 2
     if attributes.motion in _DIRECTIONS:
         dx, dy = _DIRECTIONS[attributes.motion]
         vx, vy = dx * speed, dy * speed
     elif attributes.motion == "bouncing":
         angle = rng.uniform(math.radians(30), math.radians(60)) + (math.pi / 2) * rng.integers(4)
+        if config.bounce_angle is not None:
+            angle = math.radians(config.bounce_angle)
         vx, vy = speed * math.sqrt(2) * math.cos(angle), speed * math.sqrt(2) * math.sin(angle)
     else:
         vx = vy = 0.0
-    names = list(BACKGROUNDS)
+    names = list(config.backgrounds)
     first = BACKGROUNDS[names[rng.integers(len(names))]]
     second = BACKGROUNDS[names[rng.integers(len(names))]] if rng.random() < config.gradient_probability else first
     return ClipSpec(attributes, float(half), float(x0), float(y0), float(vx), float(vy),
@@ -270,9 +307,19 @@ def _reflect(p: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tenso
     return lo + length - (u - length).abs()
 
 
-def _trajectory(specs: Sequence[ClipSpec], config: ClipConfig, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _starts(start: int | Sequence[int], n: int) -> torch.Tensor:
+    """First frame index per clip [N, 1]: one int for all clips or one per clip."""
+    if isinstance(start, int):
+        return torch.full((n, 1), start, dtype=torch.float64)
+    if len(start) != n:
+        raise ValueError(f"need one start frame per clip: {n} clips, {len(start)} starts")
+    return torch.tensor([float(s) for s in start], dtype=torch.float64)[:, None]
+
+
+def _trajectory(specs: Sequence[ClipSpec], config: ClipConfig,
+                start: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Object centres [N, T] for frames start .. start+T-1 (closed form, any start)."""
-    t = torch.arange(start, start + config.num_frames, dtype=torch.float64)
+    t = torch.arange(config.num_frames, dtype=torch.float64)[None] + _starts(start, len(specs))
     x0 = torch.tensor([s.x0 for s in specs], dtype=torch.float64)[:, None]
     y0 = torch.tensor([s.y0 for s in specs], dtype=torch.float64)[:, None]
     vx = torch.tensor([s.vx for s in specs], dtype=torch.float64)[:, None]
@@ -295,8 +342,9 @@ def _signed_distance(shape: str, dx: torch.Tensor, dy: torch.Tensor, half: torch
     return torch.maximum(dy - half, (2 * dx.abs() - dy - half) / math.sqrt(5.0))
 
 
-def render_clips(specs: Sequence[ClipSpec], config: ClipConfig, start: int = 0) -> torch.Tensor:
-    """Render clips to uint8 [N, T, H, W, 3]; frames start .. start+T-1 of each clip's motion."""
+def render_clips(specs: Sequence[ClipSpec], config: ClipConfig, start: int | Sequence[int] = 0) -> torch.Tensor:
+    """Render clips to uint8 [N, T, H, W, 3]; frames start .. start+T-1 of each clip's motion
+    (`start`: one frame index for all clips, or one per clip)."""
     n, t, h, w = len(specs), config.num_frames, config.height, config.width
     # 1. background [N, H, W, 3]: a solid colour or a linear blend along one axis
     first = torch.tensor([s.background[0] for s in specs], dtype=torch.float32)
@@ -306,6 +354,8 @@ def render_clips(specs: Sequence[ClipSpec], config: ClipConfig, start: int = 0) 
     vertical = torch.tensor([s.gradient_axis == 0 for s in specs])[:, None, None]
     ramp = torch.where(vertical, ramp_y, ramp_x)[..., None]
     background = first[:, None, None] * (1 - ramp) + second[:, None, None] * ramp
+    if config.background_style == "position":
+        background = position_background(config)[None].expand(n, h, w, 3)
 
     # 2. coverage [N, T, H, W] of the anti-aliased object, on the torus (wrap-around)
     cx, cy = _trajectory(specs, config, start)
@@ -327,6 +377,24 @@ def render_clips(specs: Sequence[ClipSpec], config: ClipConfig, start: int = 0) 
     cov = coverage[..., None]
     frames = background[:, None] * (1 - cov) + colour[:, None, None, None] * cov
     return frames.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def position_background(config: ClipConfig) -> torch.Tensor:
+    """The "position" background [H, W, 3] float (every channel <= 70)."""
+    pb = POSITION_BACKGROUND
+    x = torch.linspace(0, 1, config.width)[None, :, None]
+    y = torch.linspace(0, 1, config.height)[:, None, None]
+    return (torch.tensor(pb["top_left"], dtype=torch.float32) + x * torch.tensor(pb["right"], dtype=torch.float32)
+            + y * torch.tensor(pb["down"], dtype=torch.float32))
+
+
+def empty_scene(config: ClipConfig) -> torch.Tensor:
+    """uint8 [T, H, W, 3]: the clip's background without any object (the reference frames that
+    start every procedural video, see `TRAINING_CLIPS`). Needs a fixed background style."""
+    if config.background_style != "position":
+        raise ValueError("empty_scene needs background_style='position' (random backgrounds differ per clip)")
+    frame = position_background(config).round().clamp(0, 255).to(torch.uint8)
+    return frame[None].expand(config.num_frames, -1, -1, -1).clone()
 
 
 def _clip_rng(seed: int, index: int) -> np.random.Generator:
@@ -358,10 +426,11 @@ def make_clip(seed: int, index: int = 0, config: ClipConfig | None = None, split
 # ---------------------------------------------------------------------------------------------
 
 def make_batch(seed: int, batch_index: int, batch_size: int, config: ClipConfig | None = None,
-               split: str = "train", start: int = 0) -> dict[str, object]:
+               split: str = "train", start: int | Sequence[int] = 0) -> dict[str, object]:
     """Batch `batch_index` of stream `seed`: clips batch_index*B .. +B-1 of that stream.
 
-    `start` > 0 renders frames start .. start+T-1 of each clip's (endless) motion.
+    `start` > 0 renders frames start .. start+T-1 of each clip's (endless) motion (one int for
+    all clips, or one per clip).
     Returns {"frames": uint8 [B,T,H,W,3], "captions": list[str],
     "colour" / "shape" / "motion": LongTensor [B] indices into COLOURS / SHAPES / MOTIONS}.
     """

@@ -22,26 +22,27 @@ index `model.safetensors.index.json` names it as the only shard, so the loader i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
 import os
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 # On a shared 2-core machine, OpenMP threads that spin at barriers collapse when another process
 # holds a core (measured: 8 s instead of 1.6 s per step); sleeping waiters avoid it. Read when torch
 # loads, so it must be set before the import below.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from pipelines.procedural.codec import PatchCodec, fit_default_codec
-from pipelines.procedural.data import ClipConfig, caption_vocabulary, make_batch
+from pipelines.procedural.data import TRAINING_CLIPS, ClipConfig, caption_vocabulary, empty_scene, make_batch
 from pipelines.procedural.text import TextEncoder
 from pipelines.skyreels_v2.checkpoint import INDEX_FILE, SINGLE_FILE, save_transformer
 from pipelines.skyreels_v2.model import WanDFConfig, WanDFTransformer
@@ -60,13 +61,13 @@ class ModelSize:
 
     dim: int = 128                      # 2x the 64 latent values of one 1x2x2 patch
     ffn_dim: int = 512
-    num_heads: int = 4
+    num_heads: int = 2                  # head width 64: small heads cannot focus over 1024 tokens
     num_layers: int = 4
     patch_size: tuple[int, int, int] = (1, 2, 2)   # official; 64 tokens per 16x16 latent frame
     freq_dim: int = 128
     text_len: int = 8      # longest caption is 5 words + <eos>
     text_dim: int = 64
-    qk_norm_init: float = 1.0           # initial q/k RMSNorm weight: attention logits scale by its square
+    qk_norm_init: float = 1.5           # initial q/k RMSNorm weight: attention logits scale by its square
 
     def wan_config(self) -> WanDFConfig:
         return WanDFConfig(dim=self.dim, ffn_dim=self.ffn_dim, num_heads=self.num_heads,
@@ -78,7 +79,7 @@ class ModelSize:
 class TrainConfig:
     """Everything that decides the trained weights (with the seed)."""
 
-    steps: int = 1600
+    steps: int = 2400
     batch_size: int = 6
     lr: float = 2e-3
     min_lr_ratio: float = 0.05          # cosine decays to lr * this
@@ -92,11 +93,15 @@ class TrainConfig:
     # per-sample noise pattern: independent per block / one sigma for all / monotone ramp
     pattern_probs: tuple[float, float, float] = (0.4, 0.2, 0.4)
     prefix_probability: float = 0.5     # share of samples with clean prefix blocks (sigma 0)
-    sigma_shift: float = 2.0            # sigma = s*u / (1 + (s-1)*u), u uniform: more high-noise steps
+    prefix_start_frames: int = 64       # a clip with a prefix starts at a random frame in [0, this)
+    reference_block: bool = True        # clips without a prefix start with one block of `empty_scene`
+    sigma_shift: float = 3.0            # sigma = s*u / (1 + (s-1)*u), u uniform: more high-noise steps
+    channel_weighting: bool = True      # loss weight per latent channel (see `channel_weights`)
     bf16_autocast: bool = True          # forward matmuls in bfloat16 (weights and optimizer in float32)
     codec_clips: int = 256
     log_every: int = 25
     model: ModelSize = field(default_factory=ModelSize)
+    clips: ClipConfig = TRAINING_CLIPS  # layout of the training clips (num_frames is set from clip_frames)
 
     def __post_init__(self) -> None:
         if self.clip_frames % self.causal_block_size:
@@ -108,7 +113,7 @@ class TrainConfig:
             raise ValueError(f"pattern_probs must sum to 1; got {self.pattern_probs}")
 
 
-# Sampling defaults shipped in pipeline.json (tuned with `evaluate.py` on held-out captions).
+# Sampling defaults shipped in pipeline.json (chosen with `evaluate.py` on training captions).
 SAMPLING_DEFAULTS: dict[str, object] = {
     "num_inference_steps": 10,
     "shift": 3.0,
@@ -120,6 +125,7 @@ SAMPLING_DEFAULTS: dict[str, object] = {
     "addnoise_condition": 0,
     "causal_attention": True,
     "fps": 8,
+    "reference_block": True,     # videos start from a clean block of the empty scene (dropped from the output)
 }
 
 
@@ -155,13 +161,44 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 # ----------------------------------------------------------------------------- 3. diffusion forcing
 
-def sample_block_sigmas(batch: int, num_blocks: int, cfg: TrainConfig, gen: torch.Generator) -> Tensor:
+def draw_prefix_blocks(batch: int, num_blocks: int, cfg: TrainConfig, gen: torch.Generator) -> Tensor:
+    """Clean prefix length per sample [B] in blocks: 0, or 1..num_blocks-1 for a share of samples."""
+    has_prefix = torch.rand(batch, generator=gen) < cfg.prefix_probability
+    return torch.randint(1, num_blocks, (batch,), generator=gen) * has_prefix
+
+
+def draw_start_frames(prefix: Tensor, cfg: TrainConfig, gen: torch.Generator) -> list[int]:
+    """First frame of each clip's motion: 0 without a prefix (the caption decides the first frame),
+    random with one (the prefix shows where the object is; long videos continue from anywhere).
+    With `reference_block`, a clip without a prefix starts one block earlier: that block is then
+    replaced by the empty scene, so the motion starts right after it."""
+    starts = torch.randint(0, max(1, cfg.prefix_start_frames), prefix.shape, generator=gen)
+    first = -cfg.causal_block_size if cfg.reference_block else 0
+    return torch.where(prefix > 0, starts, first).tolist()
+
+
+def add_reference_block(frames: Tensor, prefix: Tensor, cfg: TrainConfig, clip_config: ClipConfig
+                        ) -> tuple[Tensor, Tensor]:
+    """Clips without a prefix get the empty scene as their first block, a clean prefix of 1 block
+    (what `bundle.generate_video` gives the first segment). frames uint8 [B, T, H, W, 3]."""
+    if not cfg.reference_block:
+        return frames, prefix
+    cbs = cfg.causal_block_size
+    fresh = prefix == 0
+    frames = frames.clone()
+    frames[fresh, :cbs] = empty_scene(dataclasses.replace(clip_config, num_frames=cbs))
+    return frames, torch.where(fresh, 1, prefix)
+
+
+def sample_block_sigmas(prefix: Tensor, num_blocks: int, cfg: TrainConfig, gen: torch.Generator) -> Tensor:
     """Noise level per (sample, causal block) [B, num_blocks] in [0, 1).
 
     Patterns: independent uniform levels; one level for all blocks (synchronous schedule); a
-    monotone ramp, earlier blocks cleaner (asynchronous schedule). Then, for a share of the
-    samples, 1..num_blocks-1 leading blocks are a clean prefix at sigma 0 (long-video overlap).
+    monotone ramp, earlier blocks cleaner (asynchronous schedule). Then the first `prefix[b]`
+    blocks of sample b are a clean prefix at sigma 0 (long-video overlap).
     """
+    batch = prefix.shape[0]
+
     def uniform(*shape: int) -> Tensor:
         return torch.rand(*shape, generator=gen)
 
@@ -174,19 +211,33 @@ def sample_block_sigmas(batch: int, num_blocks: int, cfg: TrainConfig, gen: torc
     pattern = torch.multinomial(torch.tensor(cfg.pattern_probs), batch, replacement=True, generator=gen)
     u = torch.stack([independent, synchronous, ramp])[pattern, torch.arange(batch)]  # [B, nb]
     sigma = s * u / (1 + (s - 1) * u)
-    # clean prefix blocks
-    has_prefix = uniform(batch) < cfg.prefix_probability
-    prefix = torch.randint(1, num_blocks, (batch,), generator=gen) * has_prefix
     return torch.where(torch.arange(num_blocks)[None] < prefix[:, None], 0.0, sigma)
 
 
+def channel_weights(codec: PatchCodec) -> Tensor:
+    """Loss weight per latent channel [C]: the codec's pixel scale, normalised to mean 1.
+
+    The codec whitens its PCA channels, so plain latent MSE gives the 11 finest channels (5% of
+    the pixel variance) 69% of the loss; pixel MSE would give 3 channels 88%. The square root of
+    the pixel weighting sits between: layout and colour learn first, edges are still denoised.
+    """
+    return codec.scale / codec.scale.mean()
+
+
 def diffusion_forcing_loss(model: WanDFTransformer, x0: Tensor, context: Tensor, cfg: TrainConfig,
-                           gen: torch.Generator) -> Tensor:
-    """Flow-matching velocity MSE on latents x0 [B, C, F, H, W] with per-block noise levels."""
+                           gen: torch.Generator, weights: Tensor | None = None,
+                           prefix: Tensor | None = None) -> Tensor:
+    """Flow-matching velocity MSE on latents x0 [B, C, F, H, W] with per-block noise levels.
+
+    `weights` [C] weighs the latent channels (None = equal); `prefix` [B] clean prefix blocks
+    per sample (None = drawn here).
+    """
     batch, _, frames = x0.shape[:3]
     cbs = cfg.causal_block_size
+    if prefix is None:
+        prefix = draw_prefix_blocks(batch, frames // cbs, cfg, gen)
     # 1. one sigma per block -> per frame [B, F]; model timestep per frame
-    sigma = sample_block_sigmas(batch, frames // cbs, cfg, gen).repeat_interleave(cbs, dim=1)
+    sigma = sample_block_sigmas(prefix, frames // cbs, cfg, gen).repeat_interleave(cbs, dim=1)
     t = (sigma * 1000).round().long().clamp(0, 999)
     # 2. noised input and velocity target
     eps = torch.randn(x0.shape, generator=gen)
@@ -196,7 +247,10 @@ def diffusion_forcing_loss(model: WanDFTransformer, x0: Tensor, context: Tensor,
     # 3. block-causal prediction; clean (sigma 0) frames carry no loss
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
         v = model(x_t, t, context, causal_block_size=cbs)
-    per_frame = (v.float() - target).pow(2).mean(dim=(1, 3, 4))     # [B, F]
+    err = (v.float() - target).pow(2)                               # [B, C, F, H, W]
+    if weights is not None:
+        err = err * weights[None, :, None, None, None]
+    per_frame = err.mean(dim=(1, 3, 4))                             # [B, F]
     weight = (t > 0).float()
     return (per_frame * weight).sum() / weight.sum().clamp_min(1.0)
 
@@ -217,12 +271,13 @@ def train(cfg: TrainConfig, seed: int = 0, log: bool = True) -> TrainResult:
     started = time.perf_counter()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    clip_config = ClipConfig(num_frames=cfg.clip_frames)
+    clip_config = dataclasses.replace(cfg.clips, num_frames=cfg.clip_frames)
     # 1. codec (closed form), text encoder, transformer
     codec = fit_default_codec(num_clips=cfg.codec_clips, config=ClipConfig())
     text_encoder = TextEncoder(caption_vocabulary(), text_len=cfg.model.text_len, text_dim=cfg.model.text_dim)
     model = WanDFTransformer(cfg.model.wan_config())
     init_weights(model, cfg.model.qk_norm_init)
+    weights = channel_weights(codec) if cfg.channel_weighting else None
     params = list(model.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
     decay_params = [p for p in params if p.dim() >= 2]
@@ -240,12 +295,14 @@ def train(cfg: TrainConfig, seed: int = 0, log: bool = True) -> TrainResult:
     window: list[float] = []
     model.train()
     for step in range(cfg.steps):
-        batch = make_batch(seed, step, cfg.batch_size, clip_config, "train")
-        x0 = codec.encode(batch["frames"])                                   # [B, C, F, h, w]
+        prefix = draw_prefix_blocks(cfg.batch_size, cfg.clip_frames // cfg.causal_block_size, cfg, gen)
+        batch = make_batch(seed, step, cfg.batch_size, clip_config, "train", start=draw_start_frames(prefix, cfg, gen))
+        frames, prefix = add_reference_block(batch["frames"], prefix, cfg, clip_config)
+        x0 = codec.encode(frames)                                            # [B, C, F, h, w]
         captions = ["" if torch.rand((), generator=gen) < cfg.caption_dropout else c
                     for c in batch["captions"]]
         context = text_encoder(captions)                                     # [B, L, text_dim]
-        loss = diffusion_forcing_loss(model, x0, context, cfg, gen)
+        loss = diffusion_forcing_loss(model, x0, context, cfg, gen, weights, prefix)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
@@ -303,7 +360,9 @@ def save_weights(result: TrainResult, cfg: TrainConfig, seed: int, out: str | Pa
     final_loss = result.losses[-1][1] if result.losses else float("nan")
     pipeline = {
         **SAMPLING_DEFAULTS,
-        "height": 64, "width": 64, "latent_channels": result.codec.channels,
+        "height": cfg.clips.height, "width": cfg.clips.width, "latent_channels": result.codec.channels,
+        "background_style": cfg.clips.background_style,
+        "reference_block": cfg.reference_block,
         "training": {
             "command": TRAIN_COMMAND if cfg.steps == TrainConfig().steps and seed == 0
             else f"{TRAIN_COMMAND} --steps {cfg.steps} --seed {seed}",

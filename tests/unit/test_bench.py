@@ -136,7 +136,8 @@ def test_calibrate_writes_a_config_that_load_config_accepts(bundle, tmp_path):
     write_config(result.config, tmp_path / "accel.json")
     config = load_config(tmp_path / "accel.json")
     assert isinstance(config, ScopeConfig)
-    assert config.selective == "exact" and config.kv_cache_finished   # causal model: exact and free
+    assert config.kv_cache_finished   # causal model: finished chunks served from K/V (exact)
+    assert {e.family for e in result.evaluations} == {"exact", "stale-kv"}
 
 
 def test_cli_parsers_take_the_bench_and_calibrate_options():

@@ -103,6 +103,46 @@ def test_start_offset_continues_the_same_video():
     assert torch.equal(long[32:], tail)
 
 
+def test_per_clip_start_offsets_render_each_clip_from_its_own_frame():
+    config = ClipConfig(num_frames=8)
+    specs = [sample_spec(Attributes("red", "square", m), config, np.random.default_rng(i))
+             for i, m in enumerate(("left", "bouncing"))]
+    both = render_clips(specs, config, start=[0, 20])
+    assert torch.equal(both[0], render_clips(specs[:1], config, start=0)[0])
+    assert torch.equal(both[1], render_clips(specs[1:], config, start=20)[0])
+    with pytest.raises(ValueError, match="one start frame per clip"):
+        render_clips(specs, config, start=[0])
+
+
+def test_training_layout_starts_at_the_centre_on_the_position_background():
+    from pipelines.procedural.data import TRAINING_CLIPS, empty_scene, position_background
+
+    for index in range(6):
+        clip = make_clip(7, index, TRAINING_CLIPS, split="train")
+        mask = _object_mask(clip.frames[0])
+        ys, xs = np.nonzero(mask)
+        assert abs(xs.mean() + 0.5 - 32) < 1.5 and abs(ys.mean() + 0.5 - 32) < 2.5, clip.caption
+        scene = empty_scene(TRAINING_CLIPS)[0].numpy()
+        yy, xx = np.mgrid[:64, :64]
+        far = (abs(xx + 0.5 - 32) > 12) | (abs(yy + 0.5 - 32) > 12)    # well away from the object
+        assert np.array_equal(clip.frames[0][far], scene[far]), "background = the empty scene"
+    background = position_background(TRAINING_CLIPS)
+    colours = {tuple(c) for c in background.round().reshape(-1, 3)[::7].tolist()}
+    assert len(colours) > 0.5 * len(background.reshape(-1, 3)[::7]), "positions have their own colours"
+    assert background.max() <= 70, "dark, like every background"
+    bouncing = make_clip(7, 0, TRAINING_CLIPS, attributes=Attributes("red", "circle", "bouncing"))
+    assert bouncing.spec.vx > 0 and bouncing.spec.vy > 0 and abs(bouncing.spec.vx - bouncing.spec.vy) < 1e-9
+
+
+def test_layout_errors_say_what_is_valid():
+    with pytest.raises(ValueError, match="'random' or 'centre'"):
+        ClipConfig(start_position="middle")
+    with pytest.raises(ValueError, match="subset of"):
+        ClipConfig(backgrounds=("pink",))
+    with pytest.raises(ValueError, match="subset of"):
+        ClipConfig(backgrounds=())
+
+
 def test_batches_are_fast_and_labelled():
     make_batch(0, 0, 4)  # warm up
     start = time.perf_counter()
