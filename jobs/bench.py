@@ -70,17 +70,17 @@ SCOPE_RATIO = 3.0
 ABLATION_SCALE = 4.0
 
 # Main knob per method and the values swept. Ranges were set from traces of the shipped model's
-# indicators (per-step change: SCOPE probe ~0.10-0.15 per chunk, TeaCache global ~0.06,
-# FlowCache input 0.04-0.44, FBCache first-block residual 0.15-0.3).
+# indicators at 30 steps (SCOPE probe: x1 caches about a quarter of the active chunk-calls, x4
+# hits max_consecutive; TeaCache / FlowCache / FBCache relative-L1 changes 0.05-0.4 per step).
 SWEEPS: dict[str, dict[str, list[float]]] = {
     "default": {
-        "scope": [2.0, 3.0, 4.0, 8.0],                       # multiples of (tau_cache, tau_predict)
-        "scope-stale": [1.0, 2.0, 4.0, 8.0],                 # the same, with stale K/V (approx)
+        "scope": [0.5, 1.0, 2.0, 4.0],                       # multiples of (tau_cache, tau_predict)
+        "scope-stale": [0.25, 0.5, 1.0, 2.0, 4.0],           # the same, with stale K/V (approx)
         "teacache-global": [0.03, 0.06, 0.12],               # threshold, one decision per window
-        "teacache-chunk": [0.15, 0.3],                       # threshold, one decision per chunk
+        "teacache-chunk": [0.1, 0.2, 0.4],                   # threshold, one decision per chunk
         "flowcache": [0.1, 0.2, 0.4],                        # threshold (input indicator)
         "taylorseer": [2, 3, 5],                             # refresh interval
-        "fbcache": [0.2, 0.3, 0.5],                          # threshold
+        "fbcache": [0.1, 0.2, 0.4],                          # threshold
     },
     "wide": {
         "scope": [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0],
@@ -217,6 +217,7 @@ class RunRecord:
     block_evals: int = 0
     block_evals_full: int = 0
     modes: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
     check: dict[str, Any] = field(default_factory=dict)
 
 
@@ -258,6 +259,7 @@ def generate_case(bundle: Any, case: BenchCase, prompt: str, frames: int, seed: 
         merged = merge_stats(prompt, parts)
         record.block_evals, record.block_evals_full = merged.block_evals, merged.block_evals_full
         record.modes = merged.modes.to_dict()
+        record.reasons = dict(merged.reasons)
     checked = check_video(video)
     record.check = {"colour": checked.colour, "shape": checked.shape, "motion": checked.motion,
                     **{f"{k}_ok": v for k, v in checked.agreement(prompt).items()}}
