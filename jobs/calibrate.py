@@ -18,6 +18,9 @@ small search on the model itself:
    machine-independent cost), ties broken by the measured speedup. The other SCOPE fields stay at
    scope/config.py's defaults, with exact selective computation + K/V serving of finished chunks
    when the model's attention is block-causal (exact there: it costs no quality).
+5. steps 2-3 run once per family of base configurations (`base_families`): "exact" as above and,
+   on block-causal models, "stale-kv" (skipped chunks serve the K/V of their last run); the
+   winner is chosen over all families.
 
 The written file is a plain `{"method": "scope", ...}` config that `load_config` and
 `scope generate --accel-config` accept; the search itself goes to stdout (and `--report`).
@@ -213,7 +216,9 @@ def _search_family(bundle: Any, prompts: Sequence[str], frames: int, refs: Seque
         brackets[ratio] = (lo, hi)
 
     # 3. bisection on the scale for the ratio whose passing point is cheapest
-    mine = lambda: [e for k, e in cache.items() if k[0] == family]  # noqa: E731
+    def mine() -> list[Evaluation]:
+        return [e for k, e in cache.items() if k[0] == family]
+
     passing = [e for e in mine() if e.passed]
     if passing:
         ratio = _best(passing).ratio
