@@ -115,6 +115,18 @@ def base_families(bundle: Any, **overrides: Any) -> dict[str, dict[str, Any]]:
     return families
 
 
+def select_families(available: dict[str, dict[str, Any]], names: str | None) -> dict[str, dict[str, Any]]:
+    """The families named in `names` (comma-separated; None or '' = all of `available`)."""
+    if not names:
+        return available
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in available]
+    if unknown or not wanted:
+        raise ValueError(f"--families {names!r}: unknown {unknown}; this model offers "
+                         f"{', '.join(available)} (comma-separated)")
+    return {n: available[n] for n in wanted}
+
+
 def calibrate(bundle: Any, prompts: Sequence[str], frames: int, target_psnr: float = 30.0,
               seed: int = 0, ratios: Sequence[float] = DEFAULT_RATIOS, tau0: float | None = None,
               bisect_steps: int = 3, base: dict[str, Any] | None = None, threads: int | None = None,
@@ -266,8 +278,9 @@ def run_calibrate(args: argparse.Namespace) -> CalibrationResult:
     prompts = calibration_prompts(args.prompts)
     ratios = [float(r) for r in str(getattr(args, "ratios", None) or "2,4").split(",") if r.strip()]
     overrides = {"num_inference_steps": getattr(args, "steps", None)}
+    families = select_families(base_families(bundle, **overrides), getattr(args, "families", None))
     result = calibrate(bundle, prompts, args.frames, args.target_psnr, seed=getattr(args, "seed", 0) or 0,
-                       ratios=ratios, threads=getattr(args, "threads", None) or 2,
+                       ratios=ratios, threads=getattr(args, "threads", None) or 2, families=families,
                        log=lambda s: print(s, flush=True), **overrides)
     write_config(result.config, args.out)
     if result.best is None:

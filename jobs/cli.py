@@ -66,6 +66,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="accel.json", help="config JSON for `scope generate --accel-config`")
     p.add_argument("--seed", type=int, default=0, help="seed of the first calibration prompt (+1 per prompt)")
     p.add_argument("--ratios", default="2,4", help="tau_predict / tau_cache ratios to scan (comma-separated)")
+    p.add_argument("--families", default=None,
+                   help="base configurations to search, comma-separated: exact, stale-kv (block-causal "
+                        "models); default all")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (model default if omitted)")
     p.add_argument("--report", default=None, help="also write every evaluated point here (JSON)")

@@ -140,12 +140,25 @@ def test_calibrate_writes_a_config_that_load_config_accepts(bundle, tmp_path):
     assert {e.family for e in result.evaluations} == {"exact", "stale-kv"}
 
 
+def test_calibration_families_can_be_chosen_by_name(bundle):
+    from jobs.calibrate import base_families, select_families
+
+    available = base_families(bundle)
+    assert list(available) == ["exact", "stale-kv"]       # the tiny bundle is block-causal
+    assert list(select_families(available, "stale-kv")) == ["stale-kv"]
+    assert select_families(available, None) == available
+    with pytest.raises(ValueError, match="unknown \\['magic'\\]; this model offers exact, stale-kv"):
+        select_families(available, "exact,magic")
+
+
 def test_cli_parsers_take_the_bench_and_calibrate_options():
     args = build_parser().parse_args(["bench", "--methods", "none,scope", "--prompts", "1", "--frames", "8",
                                       "--json", "b.json", "--plot", "b.png", "--threads", "2"])
     assert (args.methods, args.prompts, args.frames, args.plot, args.threads) == ("none,scope", 1, 8, "b.png", 2)
     args = build_parser().parse_args(["calibrate", "--target-psnr", "30", "--out", "accel.json"])
-    assert (args.target_psnr, args.out, args.ratios) == (30.0, "accel.json", "2,4")
+    assert (args.target_psnr, args.out, args.ratios, args.families) == (30.0, "accel.json", "2,4", None)
+    args = build_parser().parse_args(["calibrate", "--families", "exact"])
+    assert args.families == "exact"
 
 
 def save_bundle(bundle: ProceduralBundle, folder: Path) -> Path:
