@@ -74,7 +74,7 @@ ABLATION_SCALE = 4.0
 # hits max_consecutive; TeaCache / FlowCache / FBCache relative-L1 changes 0.05-0.4 per step).
 SWEEPS: dict[str, dict[str, list[float]]] = {
     "default": {
-        "scope": [0.5, 1.0, 2.0, 4.0],                       # multiples of (tau_cache, tau_predict)
+        "scope": [0.5, 1.0, 2.0, 4.0, 8.0],                  # multiples of (tau_cache, tau_predict)
         "scope-stale": [0.25, 0.5, 1.0, 2.0, 4.0],           # the same, with stale K/V (approx)
         "teacache-global": [0.03, 0.06, 0.12],               # threshold, one decision per window
         "teacache-chunk": [0.1, 0.2, 0.4],                   # threshold, one decision per chunk
@@ -474,7 +474,7 @@ def _jsonable(value: Any) -> Any:
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Sampling settings from the CLI (None = the bundle's defaults)."""
-    return {"num_inference_steps": getattr(args, "steps", None)}
+    return {"num_inference_steps": getattr(args, "steps", None), "ar_step": getattr(args, "ar_step", None)}
 
 
 def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -277,7 +277,7 @@ def run_calibrate(args: argparse.Namespace) -> CalibrationResult:
     bundle = load_bundle(args.model)
     prompts = calibration_prompts(args.prompts)
     ratios = [float(r) for r in str(getattr(args, "ratios", None) or "2,4").split(",") if r.strip()]
-    overrides = {"num_inference_steps": getattr(args, "steps", None)}
+    overrides = {"num_inference_steps": getattr(args, "steps", None), "ar_step": getattr(args, "ar_step", None)}
     families = select_families(base_families(bundle, **overrides), getattr(args, "families", None))
     result = calibrate(bundle, prompts, args.frames, args.target_psnr, seed=getattr(args, "seed", 0) or 0,
                        ratios=ratios, threads=getattr(args, "threads", None) or 2, families=families,

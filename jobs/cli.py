@@ -55,6 +55,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="timing rounds per prompt; each generation keeps its fastest wall-clock")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (model default if omitted)")
+    p.add_argument("--ar-step", type=int, default=2,
+                   help="asynchronous step offset between causal blocks; the bench's targets are set on the "
+                        "asynchronous DF schedule (default 2; 0 = synchronous, the procedural model's default)")
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
@@ -71,6 +74,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                         "models); default all")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (model default if omitted)")
+    p.add_argument("--ar-step", type=int, default=None,
+                   help="asynchronous step offset to calibrate under (default: the model's; calibrate the "
+                        "schedule you generate with)")
     p.add_argument("--report", default=None, help="also write every evaluated point here (JSON)")
 
 

@@ -58,6 +58,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 # learn where it is in the frame from content; a clean frame of this background gives it that.
 POSITION_BACKGROUND = {"top_left": (15, 25, 15), "right": (50, 0, 0), "down": (0, 0, 50)}
 
+START_POSITIONS = ("random", "centre", "opposite")   # ClipConfig.start_position
 # unit direction per straight motion, image coordinates (x right, y down)
 _DIRECTIONS: dict[str, tuple[float, float]] = {
     "left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0),
@@ -200,9 +201,9 @@ class ClipConfig:
     speed: tuple[float, float] = (1.5, 2.5)       # px per frame at 64: 12-20 px over 8 frames
     gradient_probability: float = 0.5
     # Layout controls. The defaults draw everything at random; the training distribution pins the
-    # start at the centre, one background and one bounce angle (see `TRAINING_CLIPS`), so that a
-    # caption decides the first frame and a clean prefix decides the rest.
-    start_position: str = "random"                # "random" or "centre"
+    # start point (per motion), one background and one bounce angle (see `TRAINING_CLIPS`), so that
+    # a caption decides the first frame and a clean prefix decides the rest.
+    start_position: str = "random"                # "random", "centre" or "opposite" (see `start_point`)
     background_style: str = "random"              # "random" (BACKGROUNDS, gradients) or "position" (POSITION_BACKGROUND)
     backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
     bounce_angle: float | None = None             # degrees (0 = right, 90 = down); None = random diagonal
@@ -224,8 +225,9 @@ class ClipConfig:
             raise ValueError(f"gradient_probability must be in [0, 1]; got {self.gradient_probability}")
         if self.background_style not in ("random", "position"):
             raise ValueError(f"background_style must be 'random' or 'position'; got {self.background_style!r}")
-        if self.start_position not in ("random", "centre"):
-            raise ValueError(f"start_position must be 'random' or 'centre'; got {self.start_position!r}")
+        if self.start_position not in START_POSITIONS:
+            raise ValueError(f"start_position must be one of {START_POSITIONS} ('random', 'centre' or 'opposite'); "
+                             f"got {self.start_position!r}")
         unknown = [b for b in self.backgrounds if b not in BACKGROUNDS]
         if not self.backgrounds or unknown:
             raise ValueError(f"backgrounds must be a non-empty subset of {list(BACKGROUNDS)}; got {self.backgrounds}")
@@ -237,16 +239,35 @@ class ClipConfig:
         return min(self.height, self.width) / 64.0
 
 
-# The training distribution: the object starts at the centre, with one size, speed and bounce
-# angle, over the "position" background, and every video starts from a clean block of that
-# background without the object (`empty_scene`). The caption then decides the first frames and
-# the clean frames tell each token where it is, so a small model trained for minutes on a CPU
-# learns to draw one object. (Session-1 weights, trained on random layouts without a reference,
-# condensed object pieces all over the frame: Wan's RoPE is relative, so at pure noise no token
-# knows where it is and nothing breaks the symmetry.) Later frames follow from a clean prefix:
-# training renders clips that start at a random time of the endless motion when they have one.
-TRAINING_CLIPS = ClipConfig(num_frames=16, half_size=(7.5, 7.5), speed=(2.0, 2.0), gradient_probability=0.0,
-                            start_position="centre", background_style="position", bounce_angle=45.0)
+def start_point(motion: str, half: float, config: ClipConfig) -> tuple[float, float]:
+    """First-frame centre for the fixed layouts: "centre" for every motion; "opposite" puts an
+    object that moves in a straight line next to the edge it moves away from (centred on the
+    other axis), so that it crosses the whole frame before it has to wrap around (a small
+    transformer with relative positions learns wrap-around poorly: measured, objects stall at the
+    edge); still and bouncing objects start at the centre."""
+    cx, cy = config.width / 2, config.height / 2
+    if config.start_position == "centre" or motion not in _DIRECTIONS:
+        return cx, cy
+    dx, dy = _DIRECTIONS[motion]
+    inset = half + 2.0
+    x = cx if dx == 0 else (inset if dx > 0 else config.width - inset)
+    y = cy if dy == 0 else (inset if dy > 0 else config.height - inset)
+    return x, y
+
+
+# The training distribution: one size, speed and bounce angle, over the "position" background,
+# and every video starts from a clean block of that background without the object
+# (`empty_scene`). The caption then decides the first frames and the clean frames tell each token
+# where it is, so a small model trained for minutes on a CPU learns to draw one object.
+# (Session-1 weights, trained on random layouts without a reference, condensed object pieces all
+# over the frame: Wan's RoPE is relative, so at pure noise no token knows where it is and nothing
+# breaks the symmetry.) Straight movers start at the edge they move away from and move 1 px per
+# frame, so they cross the frame in 48 frames before wrapping around (session 2 started them at
+# the centre at 2 px/frame: they reached the edge after 12 frames and stalled there instead of
+# wrapping). Later frames follow from a clean prefix: training renders clips that start at a
+# random time of the endless motion when they have one.
+TRAINING_CLIPS = ClipConfig(num_frames=16, half_size=(7.5, 7.5), speed=(1.0, 1.0), gradient_probability=0.0,
+                            start_position="opposite", background_style="position", bounce_angle=45.0)
 
 
 @dataclass(frozen=True)
@@ -281,8 +302,8 @@ def sample_spec(attributes: Attributes, config: ClipConfig, rng: np.random.Gener
     margin = half + 1.0
     x0 = rng.uniform(margin, config.width - margin)
     y0 = rng.uniform(margin, config.height - margin)
-    if config.start_position == "centre":
-        x0, y0 = config.width / 2, config.height / 2
+    if config.start_position != "random":
+        x0, y0 = start_point(attributes.motion, half, config)
     if attributes.motion in _DIRECTIONS:
         dx, dy = _DIRECTIONS[attributes.motion]
         vx, vy = dx * speed, dy * speed

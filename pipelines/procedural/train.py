@@ -79,7 +79,7 @@ class ModelSize:
 class TrainConfig:
     """Everything that decides the trained weights (with the seed)."""
 
-    steps: int = 2400
+    steps: int = 3000
     batch_size: int = 6
     lr: float = 2e-3
     min_lr_ratio: float = 0.05          # cosine decays to lr * this
@@ -119,7 +119,7 @@ SAMPLING_DEFAULTS: dict[str, object] = {
     "shift": 3.0,
     "guidance_scale": 3.0,
     "causal_block_size": 2,
-    "ar_step": 2,
+    "ar_step": 0,                # synchronous (SkyReels-V2's default): held-out motion 79 % vs 71 % at ar_step 2 (48 frames)
     "base_num_frames": 16,
     "overlap_frames": 4,
     "addnoise_condition": 0,

@@ -1,6 +1,7 @@
 """pipelines.procedural.data: deterministic captioned clips, motion rules, split, batches, preview."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
@@ -114,17 +115,27 @@ def test_per_clip_start_offsets_render_each_clip_from_its_own_frame():
         render_clips(specs, config, start=[0])
 
 
-def test_training_layout_starts_at_the_centre_on_the_position_background():
+def test_training_layout_starts_opposite_the_motion_on_the_position_background():
     from pipelines.procedural.data import TRAINING_CLIPS, empty_scene, position_background
 
-    for index in range(6):
+    expected = {"left": (64 - 9.5, 32), "right": (9.5, 32), "up": (32, 64 - 9.5), "down": (32, 9.5),
+                "still": (32, 32), "bouncing": (32, 32)}
+    seen = set()
+    for index in range(12):
         clip = make_clip(7, index, TRAINING_CLIPS, split="train")
+        seen.add(clip.attributes.motion)
         mask = _object_mask(clip.frames[0])
         ys, xs = np.nonzero(mask)
-        assert abs(xs.mean() + 0.5 - 32) < 1.5 and abs(ys.mean() + 0.5 - 32) < 2.5, clip.caption
+        ex, ey = expected[clip.attributes.motion]
+        assert abs(xs.mean() + 0.5 - ex) < 1.5 and abs(ys.mean() + 0.5 - ey) < 3.0, clip.caption  # triangles: mass below the box centre
+        # a straight mover crosses the frame in 48 frames without wrapping around
+        if clip.attributes.motion in ("left", "right", "up", "down"):
+            last = make_clip(7, index, dataclasses.replace(TRAINING_CLIPS, num_frames=48), split="train")
+            ys, xs = np.nonzero(_object_mask(last.frames[-1]))
+            assert xs.max() - xs.min() < 20 and ys.max() - ys.min() < 20, "not split by the frame edge"
         scene = empty_scene(TRAINING_CLIPS)[0].numpy()
         yy, xx = np.mgrid[:64, :64]
-        far = (abs(xx + 0.5 - 32) > 12) | (abs(yy + 0.5 - 32) > 12)    # well away from the object
+        far = (abs(xx + 0.5 - ex) > 12) | (abs(yy + 0.5 - ey) > 12)    # well away from the object
         assert np.array_equal(clip.frames[0][far], scene[far]), "background = the empty scene"
     background = position_background(TRAINING_CLIPS)
     colours = {tuple(c) for c in background.round().reshape(-1, 3)[::7].tolist()}
@@ -135,7 +146,7 @@ def test_training_layout_starts_at_the_centre_on_the_position_background():
 
 
 def test_layout_errors_say_what_is_valid():
-    with pytest.raises(ValueError, match="'random' or 'centre'"):
+    with pytest.raises(ValueError, match="'random', 'centre' or 'opposite'"):
         ClipConfig(start_position="middle")
     with pytest.raises(ValueError, match="subset of"):
         ClipConfig(backgrounds=("pink",))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pipelines.procedural.bundle import generate_video, load_bundle
-from pipelines.procedural.data import TRAINING_CLIPS, empty_scene, make_batch
+from pipelines.procedural.data import TRAINING_CLIPS, empty_scene, make_batch, parse_caption, start_point
 from pipelines.procedural.train import (
     ModelSize, TrainConfig, add_reference_block, draw_prefix_blocks, draw_start_frames, sample_block_sigmas,
     save_weights, train,
@@ -43,10 +43,11 @@ def test_clips_without_prefix_start_with_the_empty_scene_then_the_motion():
     assert torch.equal(frames[0, :cbs], scene)
     assert torch.equal(frames[0, cbs:], batch["frames"][0, cbs:])
     assert torch.equal(frames[1], batch["frames"][1]), "clips with a prefix are left as they are"
-    # the motion starts at the centre right after the reference block
+    # the motion starts at its start point (`start_point`) right after the reference block
     first = frames[0, cbs].numpy()
     ys, xs = np.nonzero(first.max(-1) > 140)
-    assert abs(xs.mean() + 0.5 - 32) < 1.5 and abs(ys.mean() + 0.5 - 32) < 2.5
+    ex, ey = start_point(parse_caption(batch["captions"][0]).motion, 7.5, clips)
+    assert abs(xs.mean() + 0.5 - ex) < 1.5 and abs(ys.mean() + 0.5 - ey) < 3.0
 
 
 def test_one_command_training_writes_a_bundle_that_generates(tmp_path):
