@@ -90,12 +90,12 @@ def in_process(model: torch.nn.Module, accel, noise, context, negative, args: Sc
             remove_accel(model)
 
 
-def assert_same_video(got: DFResult, want: DFResult, label: str) -> None:
-    """Latents within ATOL and, per segment, identical mode counts and reasons."""
+def assert_same_video(got: DFResult, want: DFResult, label: str, atol: float = ATOL) -> None:
+    """Latents within atol and, per segment, identical mode counts and reasons."""
     diff = (got.latents - want.latents).abs().max().item()
-    assert got.latents.shape == want.latents.shape and diff <= ATOL, (
+    assert got.latents.shape == want.latents.shape and diff <= atol, (
         f"{label}: Ray latents {tuple(got.latents.shape)} differ from in-process "
-        f"{tuple(want.latents.shape)} by {diff:.3g} (atol {ATOL})")
+        f"{tuple(want.latents.shape)} by {diff:.3g} (atol {atol})")
     assert len(got.segments) == len(want.segments), label
     for i, (g, w) in enumerate(zip(got.segments, want.segments)):
         if w.accel_stats is None:
@@ -161,7 +161,10 @@ def check_procedural_model(folder: Path) -> None:
     with RayCluster(ReplicaConfig(model=spec, stages=min(2, layers), accel=cfg, cpus_per_worker=0.25)) as cluster:
         got = cluster.generate([VideoRequest("procedural", noise, context, negative, args,
                                              addnoise_eps=torch.Generator().manual_seed(1))])[0]
-    assert_same_video(got, want, "procedural model, P=2, scope")
+    # Ray workers run 1 torch thread, the test process 2: float32 sums in another order. The trained
+    # model's activations are larger than the tiny random model's, so that rounding reaches ~5e-5
+    # after the sampler's steps; the mode decisions below must still be identical.
+    assert_same_video(got, want, "procedural model, P=2, scope", atol=2e-4)
 
 
 # ----------------------------------------------------------------------------- transports, SP
