@@ -103,9 +103,9 @@ class ReplicaConfig:
         cfg = self.accel
         if cfg is None:
             return
-        if self.stages > 1 and cfg.method == "fbcache":
-            raise ValueError("FBCache decides from block 0's output and skips the rest of the stack: "
-                             "it needs the whole stack in one stage (stages=1)")
+        if self.stages > 1 and cfg.needs_whole_stack:
+            raise ValueError(f"{cfg.method} decides from block 0's output and skips the rest of the "
+                             f"stack: it needs the whole stack in one stage (stages=1)")
         if self.stages > 1 and not cfg.reuse_context_outputs:
             raise ValueError("with stages > 1 an active chunk that runs as context must take its computed "
                              "output (the next stage attends to it): set reuse_context_outputs=true")
@@ -125,8 +125,7 @@ class ReplicaConfig:
     def feedback(self) -> bool:
         """Stage 0 needs whole-stack residuals for SCOPE's embedded error estimate."""
         cfg = self.accel
-        return (self.stages > 1 and cfg is not None and cfg.method == "scope"
-                and math.isfinite(cfg.eps_error))
+        return self.stages > 1 and cfg is not None and cfg.needs_stack_feedback
 
     def stage_options(self) -> StageOptions:
         return StageOptions(accel=self.accel, counts=self.counts,

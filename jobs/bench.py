@@ -1,19 +1,27 @@
 """`scope bench`: every acceleration method side by side on the procedural model, in one process.
 
-    scope bench --methods none,scope,teacache,flowcache,taylorseer,fbcache --prompts 4 \
-        --frames 48 --json bench.json --plot bench.png
+    scope bench --methods none,scope,teacache,flowcache,taylorseer,fbcache --prompts 6 \
+        --frames 48 --rounds 2 --json bench.json --plot bench.png
+    scope bench --prompts-file captions.txt ...     # one caption per line, '#' comments
 
 What one run does (DESIGN section 5, "How we measure"):
 1. load the bundle, fix the thread count (the same for every method), warm up once untimed;
-2. for every held-out prompt (seed = --seed + prompt index): generate the reference first (the
-   plain model, no hooks: full compute with the bundle's asynchronous DF schedule), then every
-   case (a method at one setting) on the same prompt and seed, timing each generation;
-3. per case: `speedup` = sum of reference wall-clock / sum of the case's wall-clock over the
+2. for every prompt (held-out captions, or --prompts-file; seed = --seed + prompt index), in
+   `rounds` interleaved timing rounds: even rounds run the reference (the plain model, no hooks:
+   full compute with the bundle's asynchronous DF schedule) then every case (a method at one
+   setting), odd rounds run them in reverse (reference last), so a drift in machine speed during
+   the run does not favour the cases early in the list. Videos come from round 0; each
+   generation's wall-clock is its minimum over the rounds;
+3. overhead floor (unless --no-floor): the reference and every case once more on the first
+   prompt with every transformer block replaced by the identity: what is left (embedding, head,
+   sampler, acceleration planning, decoding) bounds the speedup any skipping could reach;
+4. per case: `speedup` = sum of reference wall-clock / sum of the case's wall-clock over the
    prompts (measured in this run, on this machine), `block_eval_fraction` (transformer block x
    chunk evaluations run / those of full compute, from `RequestStats`), `psnr_db` / `ssim` of the
    decoded video against the reference of the same prompt and seed (mean over prompts; PSNR
-   capped at 100 dB, see `jobs.quality`), and `content_accuracy` (share of prompts whose checked
-   colour, shape and motion all match the caption) with the per-attribute rates.
+   capped at 100 dB, see `jobs.quality`), `content_accuracy` (share of prompts whose checked
+   colour, shape and motion all match the caption) with the per-attribute rates, and
+   `overhead_floor_s` / `speedup_limit` (reference wall-clock / the case's floor, first prompt).
 
 Cases: each method at its defaults; threshold sweeps (each baseline's main knob, SCOPE's
 tau_cache / tau_predict and its selective-computation mode) so the plot shows every method's
@@ -33,7 +41,8 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,14 +230,74 @@ class RunRecord:
     check: dict[str, Any] = field(default_factory=dict)
 
 
+# Held-out prompts used when no --prompts-file is given. The first 6 held-out captions cover
+# still, bouncing and straight-moving objects (see `with_still_and_moving`).
+DEFAULT_PROMPTS = 6
+STILL_MOTION = "stays still"
+
+
 def heldout_prompts(n: int) -> list[str]:
-    """The first n held-out captions (combinations never seen in training)."""
+    """n held-out captions (combinations never seen in training): the first n, except that for
+    n >= 2 at least one still and one moving object are included (see `with_still_and_moving`)."""
     from pipelines.procedural.data import split_attributes
 
     captions = [a.caption() for a in split_attributes().heldout]
     if not 1 <= n <= len(captions):
         raise ValueError(f"--prompts must be in [1, {len(captions)}] (held-out captions); got {n}")
-    return captions[:n]
+    return with_still_and_moving(captions, n)
+
+
+def with_still_and_moving(captions: Sequence[str], n: int) -> list[str]:
+    """The first n captions; when n >= 2 and they are all still (or all moving), the last one is
+    swapped for the first caption of the missing kind further down the list.
+
+    A bench on still objects only would hide motion errors, one on movers only would hide drift
+    of a still object; the swap is deterministic so every run benches the same prompts."""
+    chosen = list(captions[:n])
+    if n < 2:
+        return chosen
+    for wanted in (True, False):        # True: a still caption, False: a moving one
+        if not any((STILL_MOTION in c) == wanted for c in chosen):
+            extra = next((c for c in captions[n:] if (STILL_MOTION in c) == wanted), None)
+            if extra is not None:       # every caption is still or moving: at most one swap happens
+                chosen[-1] = extra
+    return chosen
+
+
+def read_prompts_file(path: str | Path) -> list[tuple[int, str]]:
+    """(line number, caption) for each caption line; blank lines and '#' comments are skipped."""
+    entries = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        caption = line.strip()
+        if caption and not caption.startswith("#"):
+            entries.append((number, caption))
+    return entries
+
+
+def load_prompts_file(path: str | Path, bundle: Any) -> list[str]:
+    """Every caption of the file, each checked against the model's vocabulary before any
+    generation starts: a typo on the last line should not cost a whole bench run."""
+    from pipelines.procedural.bundle import check_prompt
+
+    entries = read_prompts_file(path)
+    if not entries:
+        raise ValueError(f"{path}: no captions (one per line; blank lines and '#' comments are skipped)")
+    for number, caption in entries:
+        try:
+            check_prompt(bundle, caption)
+        except ValueError as err:
+            problem = " ".join(str(err).split())      # one line, whatever check_prompt wrote
+            raise ValueError(f"{path}, line {number}: {problem}") from None
+    return [caption for _, caption in entries]
+
+
+def bench_prompts(bundle: Any, prompts_file: str | Path | None, n: int | None) -> list[str]:
+    """The captions to bench: the file's when given, else n (default 6) held-out captions."""
+    if prompts_file is not None:
+        if n is not None:
+            raise ValueError("give either --prompts-file or --prompts, not both")
+        return load_prompts_file(prompts_file, bundle)
+    return heldout_prompts(DEFAULT_PROMPTS if n is None else n)
 
 
 def generate_case(bundle: Any, case: BenchCase, prompt: str, frames: int, seed: int,
@@ -267,9 +336,10 @@ def generate_case(bundle: Any, case: BenchCase, prompt: str, frames: int, seed: 
 
 
 def summarise_case(case: BenchCase, runs: Sequence[RunRecord], refs: Sequence[RunRecord],
-                   run_info: dict[str, Any]) -> dict[str, Any]:
+                   run_info: dict[str, Any], floor_s: float | None = None) -> dict[str, Any]:
     """One JSON row: method, setting, config, speedup, block_eval_fraction, psnr_db, ssim,
-    content_accuracy (+ per attribute), and the per-prompt details."""
+    content_accuracy (+ per attribute), overhead_floor_s / speedup_limit (None without a floor
+    run), and the per-prompt details."""
     is_reference = case.group == "reference"
     per_prompt = []
     for run, ref in zip(runs, refs, strict=True):
@@ -303,53 +373,155 @@ def summarise_case(case: BenchCase, runs: Sequence[RunRecord], refs: Sequence[Ru
         "content_accuracy": all_ok,
         "content_accuracy_per_attribute": agree,
         "wall_s": round(wall, 4), "reference_wall_s": round(ref_wall, 4), "cpu_s": round(cpu, 4),
+        **floor_fields(refs[0].wall_s, floor_s),
         "modes": modes, "per_prompt": per_prompt, "run": run_info,
     }
 
 
-def run_bench_on(bundle: Any, cases: Sequence[BenchCase], prompts: Sequence[str], frames: int,
-                 seed: int = 0, threads: int | None = None, warmup: bool = True, repeats: int = 1,
-                 log: Log | None = print, **overrides: Any) -> list[dict[str, Any]]:
-    """Run the reference and every case on every prompt (reference first per prompt); rows out.
+def floor_fields(reference_wall_s: float, floor_s: float | None) -> dict[str, Any]:
+    """`overhead_floor_s` (the case without block evaluations, first prompt) and `speedup_limit`
+    (the first prompt's reference wall-clock / that floor); both None when no floor was run."""
+    if floor_s is None:
+        return {"overhead_floor_s": None, "speedup_limit": None}
+    limit = reference_wall_s / floor_s if floor_s > 0 else float("inf")
+    return {"overhead_floor_s": round(floor_s, 4), "speedup_limit": limit}
 
-    `repeats` > 1 runs the whole round (reference, then every case) again per prompt and keeps
-    each generation's fastest wall-clock: other processes on a shared machine only ever add
-    time, so the minimum is the least disturbed measurement (outputs are deterministic and are
-    taken from the first round). `overrides` are sampling settings for `generate_video`."""
+
+def run_bench_on(bundle: Any, cases: Sequence[BenchCase], prompts: Sequence[str], frames: int,
+                 seed: int = 0, threads: int | None = None, warmup: bool = True, rounds: int = 2,
+                 floor: bool = True, log: Log | None = print, repeats: int | None = None,
+                 **overrides: Any) -> list[dict[str, Any]]:
+    """Run the reference and every case on every prompt in interleaved timing rounds; rows out.
+
+    Each generation keeps its fastest wall-clock over the `rounds` (`repeats` is the old name):
+    other processes on a shared machine only ever add time, so the minimum is the least disturbed
+    measurement (outputs are deterministic and are taken from round 0, which runs the reference
+    first). `floor` adds the overhead-floor runs (`measure_floors`). `overrides` are sampling
+    settings for `generate_video`."""
     log = log or (lambda _: None)
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1; got {repeats}")
+    rounds = rounds if repeats is None else repeats
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1; got {rounds}")
     if threads is not None:
         torch.set_num_threads(threads)
-    ref_case = reference_case()
-    all_cases = [c for c in cases if c.group != "reference"]
+    # entry 0 is the reference: summaries compare every case with it
+    entries = [reference_case(), *[c for c in cases if c.group != "reference"]]
     if warmup:   # one untimed generation: lazy init, allocator, caches
-        generate_case(bundle, ref_case, prompts[0], min(frames, bundle.schedule_args(**overrides).base_num_frames
-                                                        or frames), seed, **overrides)
-    refs: list[RunRecord] = []
-    runs: dict[int, list[RunRecord]] = {i: [] for i in range(len(all_cases))}
+        generate_case(bundle, entries[0], prompts[0], min(frames, bundle.schedule_args(**overrides).base_num_frames
+                                                          or frames), seed, **overrides)
     started = time.perf_counter()
+    records = _timed_rounds(bundle, entries, prompts, frames, seed, rounds, log, overrides)
+    floors = measure_floors(bundle, entries, prompts[0], frames, seed, log, **overrides) if floor else None
+    run_info = _run_info(bundle, prompts, frames, seed, rounds, floors, overrides)
+    run_info["bench_seconds"] = round(time.perf_counter() - started, 1)
+    return [summarise_case(case, records[i], records[0], run_info, floors[i] if floors else None)
+            for i, case in enumerate(entries)]
+
+
+def round_order(entries: Sequence[Any], round_index: int) -> list[Any]:
+    """Even rounds: [reference, case 1 .. case K]; odd rounds: [case K .. case 1, reference].
+
+    Alternating the direction gives every case the same mean position in time, so a machine that
+    speeds up or slows down during the run (thermal state, other load) does not favour the cases
+    that happen to come early."""
+    return list(entries) if round_index % 2 == 0 else list(reversed(entries))
+
+
+def _timed_rounds(bundle: Any, entries: Sequence[BenchCase], prompts: Sequence[str], frames: int,
+                  seed: int, rounds: int, log: Log, overrides: dict[str, Any]) -> list[list[RunRecord]]:
+    """records[entry][prompt]: round-0 outputs with the fastest wall / CPU time of all rounds."""
+    records: list[list[RunRecord]] = [[] for _ in entries]
     for p, prompt in enumerate(prompts):
         s = seed + p
-        for rep in range(repeats):
-            ref = _keep_fastest(refs, p, generate_case(bundle, ref_case, prompt, frames, s, **overrides))
-            log(f"[{p + 1}/{len(prompts)}] {prompt!r} seed {s} round {rep + 1}/{repeats}: reference "
-                f"{ref.wall_s:.2f} s (checker: {ref.check['colour']} {ref.check['shape']} {ref.check['motion']})")
-            for i, case in enumerate(all_cases):
-                run = _keep_fastest(runs[i], p, generate_case(bundle, case, prompt, frames, s, **overrides))
-                frac = run.block_evals / run.block_evals_full if run.block_evals_full else 1.0
-                log(f"    {case.method:10s} {case.setting[:60]:60s} {run.wall_s:6.2f} s  "
-                    f"x{ref.wall_s / run.wall_s:4.2f}  evals {frac:5.3f}  PSNR {psnr(run.video, ref.video):6.2f}")
+        for r in range(rounds):
+            log(f"[{p + 1}/{len(prompts)}] {prompt!r} seed {s} round {r + 1}/{rounds}")
+            for i in round_order(range(len(entries)), r):
+                run = _keep_fastest(records[i], p, generate_case(bundle, entries[i], prompt, frames, s, **overrides))
+                _log_generation(log, entries[i], run, records[0][p])
+    return records
+
+
+def _log_generation(log: Log, case: BenchCase, run: RunRecord, ref: RunRecord) -> None:
+    """One progress line; `ref` always exists here because round 0 runs the reference first."""
+    if case.group == "reference":
+        log(f"    reference  {run.wall_s:6.2f} s (checker: {run.check['colour']} {run.check['shape']} "
+            f"{run.check['motion']})")
+        return
+    frac = run.block_evals / run.block_evals_full if run.block_evals_full else 1.0
+    log(f"    {case.method:10s} {case.setting[:60]:60s} {run.wall_s:6.2f} s  "
+        f"x{ref.wall_s / run.wall_s:4.2f}  evals {frac:5.3f}  PSNR {psnr(run.video, ref.video):6.2f}")
+
+
+def _run_info(bundle: Any, prompts: Sequence[str], frames: int, seed: int, rounds: int,
+              floors: list[float] | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The settings every row shares (copied into each row's `run`)."""
     schedule = bundle.schedule_args(**overrides)
-    run_info = {"frames": frames, "prompts": list(prompts), "seed": seed, "threads": torch.get_num_threads(),
-                "repeats": repeats, "torch": torch.__version__, "machine": machine_description(),
-                "schedule": {k: getattr(schedule, k) for k in ("num_steps", "shift", "guidance_scale", "ar_step",
-                                                               "causal_block_size", "base_num_frames",
-                                                               "overlap_frames", "causal_attention")},
-                "bench_seconds": round(time.perf_counter() - started, 1)}
-    rows = [summarise_case(ref_case, refs, refs, run_info)]
-    rows += [summarise_case(case, runs[i], refs, run_info) for i, case in enumerate(all_cases)]
-    return rows
+    return {"frames": frames, "prompts": list(prompts), "seed": seed, "threads": torch.get_num_threads(),
+            "rounds": rounds, "repeats": rounds,    # `repeats`: the old name, for older readers
+            "floor": None if floors is None else {"prompt": prompts[0], "seed": seed,
+                                                  "reference_overhead_floor_s": round(floors[0], 4)},
+            "torch": torch.__version__, "machine": machine_description(),
+            "schedule": {k: getattr(schedule, k) for k in ("num_steps", "shift", "guidance_scale", "ar_step",
+                                                           "causal_block_size", "base_num_frames",
+                                                           "overlap_frames", "causal_attention")}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Overhead floor: the same generation with no transformer block evaluated
+# ---------------------------------------------------------------------------------------------
+
+class SkipBlock(torch.nn.Module):
+    """Stand-in for a transformer block in the floor run: returns its hidden states unchanged.
+
+    `WanDFTransformer.run_blocks` calls `blocks[i](h, inputs, i, mask)`; the accelerators reach the
+    blocks only through `run_blocks` (`call_original`), so replacing the modules catches every
+    path, and any signature works: the first positional argument (or h= / x= keyword) comes back.
+
+    K/V: a real block stores its keys/values with `inputs.record(layer, k, v)`. This one records
+    nothing, so on the K/V-serving path (`WanStackAdapter.run_stack_kv`) every captured chunk gets
+    an empty dict (one per captured chunk, as the executor checks) and serving it later adds no
+    prefix keys. That is deliberate: there is no attention left to read placeholder K/V, and
+    fabricating tensors would add copies the floor should not count. The floor therefore also
+    leaves out the K/V concatenation of served chunks, a small part of the block cost."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            return args[0]
+        for name in ("h", "x", "hidden_states"):
+            if name in kwargs:
+                return kwargs[name]
+        raise TypeError("SkipBlock needs the hidden states as first argument (or h= / x=)")
+
+
+@contextmanager
+def blocks_skipped(model: Any) -> Iterator[None]:
+    """Every module of `model.blocks` (an nn.ModuleList) replaced by a `SkipBlock`, restored on exit
+    even when the generation fails: a bench that leaves identity blocks behind would silently
+    corrupt every later measurement on the same bundle."""
+    blocks = model.blocks
+    originals = list(blocks)
+    try:
+        for i in range(len(blocks)):
+            blocks[i] = SkipBlock()
+        yield
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+
+
+def measure_floors(bundle: Any, entries: Sequence[BenchCase], prompt: str, frames: int, seed: int,
+                   log: Log | None = None, **overrides: Any) -> list[float]:
+    """Wall-clock of each entry's generation on `prompt` with every block evaluation removed
+    (embedding, head, sampler, hooks and planning, decoding still run): the time no skipping
+    scheme can go below. One untimed-output run per entry; the decisions the accelerators take
+    on identity blocks may differ from the real run's, which changes only their planning cost."""
+    log = log or (lambda _: None)
+    floors = []
+    with blocks_skipped(bundle.transformer):
+        for case in entries:
+            floors.append(generate_case(bundle, case, prompt, frames, seed, **overrides).wall_s)
+            log(f"    floor {case.method:10s} {case.setting[:54]:54s} {floors[-1]:6.2f} s")
+    return floors
 
 
 def _keep_fastest(records: list[RunRecord], index: int, new: RunRecord) -> RunRecord:
@@ -381,21 +553,27 @@ def machine_description() -> str:
 # ---------------------------------------------------------------------------------------------
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Fixed-width table, one line per row, in bench order."""
+    """Fixed-width table, one line per row, in bench order; floor / limit show '-' without a floor run."""
     head = (f"{'method':10s} {'setting':58s} {'speedup':>7s} {'(cpu)':>6s} {'evals':>6s} {'PSNR':>6s} {'min':>6s} "
-            f"{'SSIM':>6s} {'content':>7s}  {'col/shp/mot':>14s}")
+            f"{'SSIM':>6s} {'content':>7s}  {'col/shp/mot':>14s} {'floor':>7s} {'limit':>6s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         a = r["content_accuracy_per_attribute"]
         lines.append(f"{r['method']:10s} {r['setting'][:58]:58s} {r['speedup']:7.2f} {r['speedup_cpu']:6.2f} "
                      f"{r['block_eval_fraction']:6.3f} {r['psnr_db']:6.2f} {r['psnr_db_min']:6.2f} "
                      f"{r['ssim']:6.4f} {r['content_accuracy']:7.2f}  "
-                     f"{a['colour']:4.2f}/{a['shape']:4.2f}/{a['motion']:4.2f}")
+                     f"{a['colour']:4.2f}/{a['shape']:4.2f}/{a['motion']:4.2f} "
+                     f"{_optional(r.get('overhead_floor_s'), 7, '.3f')} {_optional(r.get('speedup_limit'), 6, '.2f')}")
     return "\n".join(lines)
 
 
+def _optional(value: float | None, width: int, spec: str) -> str:
+    return f"{'-':>{width}s}" if value is None else f"{value:{width}{spec}}"
+
+
 METHOD_COLOURS = {"scope": "tab:red", "teacache": "tab:blue", "flowcache": "tab:green",
-                  "taylorseer": "tab:purple", "fbcache": "tab:orange", "none": "black"}
+                  "taylorseer": "tab:purple", "fbcache": "tab:orange", "magcache": "tab:brown",
+                  "none": "black"}
 GROUP_MARKERS = {"default": "s", "sweep": "o", "ablation": "^"}
 
 
@@ -441,7 +619,8 @@ def plot_bench(rows: Sequence[dict[str, Any]], path: str | Path, target_psnr: fl
     axes[0].set_ylabel(f"PSNR vs full compute (dB); exact runs ({PSNR_CAP_DB:g} dB cap) at the top")
     run = rows[0]["run"] if rows else {}
     fig.suptitle(f"procedural model: {len(run.get('prompts', []))} held-out prompts x {run.get('frames')} frames, "
-                 f"{run.get('threads')} thread(s), best of {run.get('repeats', 1)} timing round(s)", fontsize=10)
+                 f"{run.get('threads')} thread(s), best of {run.get('rounds', run.get('repeats', 1))} "
+                 f"interleaved timing round(s)", fontsize=10)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -486,13 +665,15 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     cases = bench_cases(methods, args.sweep)
-    prompts = heldout_prompts(args.prompts)
     bundle = load_bundle(args.model)
+    # every caption is checked before the first generation
+    prompts = bench_prompts(bundle, getattr(args, "prompts_file", None), getattr(args, "prompts", None))
     threads = getattr(args, "threads", None) or 2
+    rounds = getattr(args, "rounds", None) or 2
     print(f"scope bench: {len(cases) + 1} cases x {len(prompts)} prompts x {args.frames} frames, "
-          f"{threads} threads, model {bundle.path}", flush=True)
-    rows = run_bench_on(bundle, cases, prompts, args.frames, seed=args.seed, threads=threads,
-                        repeats=getattr(args, "repeats", 1) or 1, log=lambda s: print(s, flush=True),
+          f"{rounds} rounds, {threads} threads, model {bundle.path}", flush=True)
+    rows = run_bench_on(bundle, cases, prompts, args.frames, seed=args.seed, threads=threads, rounds=rounds,
+                        floor=not getattr(args, "no_floor", False), log=lambda s: print(s, flush=True),
                         **sampling_overrides(args))
     write_json(rows, args.json)
     print(format_table(rows))

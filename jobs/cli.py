@@ -43,8 +43,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="speed-quality bench of every acceleration method on the procedural model")
     p.add_argument("target", nargs="?", default="accel", choices=["accel", "cluster"],
                    help="accel: methods side by side; cluster: Ray vs in-process")
-    p.add_argument("--methods", default=",".join(ACCEL_METHODS), help="comma-separated methods")
-    p.add_argument("--prompts", type=int, default=4, help="number of held-out prompts")
+    p.add_argument("--methods", default=",".join(ACCEL_METHODS),
+                   help="comma-separated methods (any name in scope.config.METHOD_CONFIGS)")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="number of held-out prompts (default 6: still, bouncing and straight-moving objects)")
+    p.add_argument("--prompts-file", default=None,
+                   help="captions to bench instead, one per line (blank lines and '#' comments skipped); "
+                        "prompt i gets seed --seed + i; every caption is checked before any generation")
     p.add_argument("--frames", type=int, default=48, help="video frames per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", default="default", choices=["none", "default", "wide"], help="threshold sweeps")
@@ -52,8 +57,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", default=None, help="speed-quality plot (png)")
     p.add_argument("--model", default=None, help="model (default: the embedded procedural model)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads, the same for every method")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="timing rounds per prompt; each generation keeps its fastest wall-clock")
+    p.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=2,
+                   help="interleaved timing rounds per prompt (odd rounds run the cases in reverse, reference "
+                        "last); each generation keeps its fastest wall-clock (--repeats: the old name)")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the overhead-floor runs (each case once more with identity blocks, first prompt)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (model default if omitted)")
     p.add_argument("--ar-step", type=int, default=2,
                    help="asynchronous step offset between causal blocks; the bench's targets are set on the "

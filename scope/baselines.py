@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 
-from scope.config import (AccelConfig, FBCacheConfig, FlowCacheConfig, NoneConfig, ScopeConfig,
-                          TaylorSeerConfig, TeaCacheConfig, resolve_rescale)
+from scope.config import (AccelConfig, FBCacheConfig, FlowCacheConfig, MagCacheConfig, NoneConfig,
+                          ScopeConfig, TaylorSeerConfig, TeaCacheConfig, resolve_rescale)
 from scope.scheduler import (CACHE, PREDICT, RECOMPUTE, ChunkSignals, Decision, ErrorEstimator,
                              Policy, ScopeScheduler, UnitState, l1_parts, no_estimate, poly_eval,
                              rel_l1, skip_decision)
@@ -242,6 +242,73 @@ class FBCachePolicy(Policy):
         return RECOMPUTE, "above-threshold"
 
 
+class MagCachePolicy(Policy):
+    """MagCache: one decision per call from calibrated magnitude ratios (no runtime probe).
+
+    Each active chunk accumulates its own ratio / error at its own step (under an asynchronous
+    schedule the chunks of one call sit at different steps); the call skips only when every
+    active chunk may. `calibrate=true` recomputes everything and the executor measures the
+    ratios (`RequestStats.mag_ratios`)."""
+
+    name = "magcache"
+    granularity = "global"
+
+    def __init__(self, config: MagCacheConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.measure_norm_ratio = config.calibrate
+
+    def gamma(self, branch: str, step: int) -> float:
+        """Calibrated magnitude ratio at a chunk's step (nearest index if step counts differ)."""
+        ratios = self.config.mag_ratios or {}
+        table = ratios.get(branch) or ratios.get("cond") or next(iter(ratios.values()))
+        steps = self.config.num_steps or len(table)
+        if steps != len(table) and steps > 1:
+            step = round(step * (len(table) - 1) / (steps - 1))
+        return table[min(max(step, 0), len(table) - 1)]
+
+    def propose(self, ctx: CallContext, signals: ChunkSignals,
+                estimate: ErrorEstimator = no_estimate) -> list[Decision]:
+        cfg, C = self.config, ctx.num_chunks
+        act = [j for j in range(C) if ctx.active[j]]
+        states = {j: self.units.get(ctx.unit(j)) or UnitState() for j in act}
+        g = self.units.get(ctx.global_unit()) or UnitState()
+        retain = int(round(cfg.retention_ratio * (cfg.num_steps or self._table_len())))
+        proposals: dict[int, Decision] = {}
+        reason = "below-threshold"
+        for j in act:
+            st = states[j]
+            ratio = st.ratio * self.gamma(ctx.branch, st.active_calls)
+            err = st.acc + abs(1.0 - ratio)
+            proposals[j] = Decision(CACHE, "below-threshold", coord=ctx.sigmas[j], indicator=err,
+                                    acc=err, ratio=ratio)
+            if cfg.calibrate:
+                reason = "calibrate"
+            elif g.active_calls < retain:
+                reason = "retention"
+            elif not st.coords:
+                reason = "no-history"
+            elif not (err < cfg.threshold and st.since_recompute + 1 <= cfg.max_skip_steps):
+                reason = reason if reason != "below-threshold" else "above-threshold"
+        recompute = reason != "below-threshold"
+        return [skip_decision(ctx, j) if not ctx.active[j] else
+                proposals[j].upgraded(reason) if recompute else proposals[j] for j in range(C)]
+
+    def _table_len(self) -> int:
+        ratios = self.config.mag_ratios or {"": [1.0]}
+        return max(len(v) for v in ratios.values())
+
+
+def mag_ratio_table(samples: dict[str, dict[int, list[float]]], num_steps: int) -> dict[str, list[float]]:
+    """Per branch, the mean measured ratio at every step 0..num_steps-1 (1.0 where none was
+    measured: step 0 has no previous residual)."""
+    table = {}
+    for branch, by_step in sorted(samples.items()):
+        table[branch] = [sum(by_step[s]) / len(by_step[s]) if by_step.get(s) else 1.0
+                         for s in range(num_steps)]
+    return table
+
+
 def _final(ctx: CallContext, j: int) -> bool:
     final = ctx.is_final(j)
     if final is None:
@@ -257,6 +324,7 @@ POLICIES: dict[type[AccelConfig], type[Policy]] = {
     FlowCacheConfig: FlowCachePolicy,
     TaylorSeerConfig: TaylorSeerPolicy,
     FBCacheConfig: FBCachePolicy,
+    MagCacheConfig: MagCachePolicy,
 }
 
 

@@ -40,8 +40,19 @@ RESCALE_ALIASES: dict[str, str] = {
 SELECTIVE_MODES = ("off", "exact", "approx")
 RESIDUAL_DTYPES = ("input", "float32", "float16", "bfloat16")
 GRANULARITIES = ("global", "chunk")
-SCOPE_INDICATORS = ("probe", "input", "probe+input")
+SCOPE_INDICATORS = ("probe", "input", "probe+input", "none")
 FLOWCACHE_INDICATORS = ("probe", "input")
+# Coordinates a residual history can be extrapolated in: the noise level sigma (the paper),
+# the model's timestep (1000 x sigma for flow matching: the same polynomial as sigma, kept so a
+# config can say what it means), the chunk's own step index (TaylorSeer), log-SNR of the
+# flow-matching interpolant log((1 - sigma) / sigma).
+COORDINATES = ("sigma", "timestep", "step", "logsnr")
+PREFERENCES = ("predict", "cache")
+ERROR_ESTIMATES = ("observed", "embedded", "off")
+SCOPE_GRANULARITIES = ("call", "chunk")
+# What a calibrated config records about the schedule it was calibrated on (`calibrated_for`).
+SCHEDULE_KEYS = ("num_steps", "shift", "ar_step", "guidance_scale", "causal_block_size",
+                 "base_num_frames", "overlap_frames", "frames", "model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +97,22 @@ def _check_choice(cfg: object, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(cfg, name)
     if value not in choices:
         _fail(cfg, name, "one of " + ", ".join(repr(c) for c in choices), value)
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def _check_schedule(cfg: object, name: str) -> None:
+    value = getattr(cfg, name)
+    if value is None:
+        return
+    if not isinstance(value, dict) or set(value) - set(SCHEDULE_KEYS):
+        extra = sorted(set(value) - set(SCHEDULE_KEYS)) if isinstance(value, dict) else value
+        _fail(cfg, name, "null or an object with keys among " + ", ".join(SCHEDULE_KEYS)
+              + f" (unknown: {extra})", value)
 
 
 def resolve_rescale(spec: str | tuple[float, ...] | list[float] | None) -> tuple[tuple[float, ...], str] | None:
@@ -146,6 +173,9 @@ class AccelConfig:
         output instead of its Cache/Predict value (recorded as Recompute, reason "in-run").
     residual_dtype: storage dtype of residual history ("input" = dtype of the hidden states).
     trace: record one row per unit and call in `RequestStats.trace` (calibration data).
+    calibrated_for: the schedule a calibrated config was measured on (keys in SCHEDULE_KEYS,
+        e.g. {"num_steps": 30, "ar_step": 2, "shift": 3.0, "frames": 48}); null = not calibrated.
+        `schedule_mismatch` names what differs from the schedule it is used with.
     """
 
     method: ClassVar[str] = "base"
@@ -157,9 +187,32 @@ class AccelConfig:
     reuse_context_outputs: bool = True
     residual_dtype: str = "input"
     trace: bool = False
+    calibrated_for: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
+
+    # -- what the system around a method needs (cluster/ asks these, never the method name) ----
+    @property
+    def needs_whole_stack(self) -> bool:
+        """The method must see the whole block stack in one process (no pipeline stages)."""
+        return False
+
+    @property
+    def needs_stack_feedback(self) -> bool:
+        """Decisions use whole-stack residuals (a pipeline-parallel stage 0 needs them fed back)."""
+        return False
+
+    def schedule_mismatch(self, schedule: dict[str, Any]) -> list[str]:
+        """'key: calibrated X, used with Y' for every recorded schedule key that differs."""
+        if not self.calibrated_for:
+            return []
+        out = []
+        for key, want in sorted(self.calibrated_for.items()):
+            got = schedule.get(key)
+            if got is not None and not _same(want, got):
+                out.append(f"{key}: calibrated {want!r}, used with {got!r}")
+        return out
 
     def validate(self) -> None:
         _check_choice(self, "selective", SELECTIVE_MODES)
@@ -168,6 +221,7 @@ class AccelConfig:
         for name in ("kv_cache_finished", "kv_cache_stale", "reuse_context_outputs", "trace"):
             _check_bool(self, name)
         _check_choice(self, "residual_dtype", RESIDUAL_DTYPES)
+        _check_schedule(self, "calibrated_for")
         if self.kv_cache_finished and self.selective == "off":
             raise ValueError(f"{type(self).__name__}.kv_cache_finished needs selective='exact' or "
                              f"'approx' (with selective='off' every frame runs, so no K/V is served)")
@@ -230,25 +284,47 @@ class NoneConfig(AccelConfig):
 class ScopeConfig(AccelConfig):
     """SCOPE tri-modal scheduler (Recompute / Cache / Predict) per (request, branch, chunk).
 
-    The change indicator accumulates since the last Recompute: below `tau_cache` -> Cache,
-    below `tau_predict` (with `order + 1` recomputed points) -> Predict, else Recompute.
-    Thresholds are in the units of the indicator and need calibration per model (use `trace`).
+    granularity: "call" = the change indicator is one number per model call (all active chunks
+        of the window together), so chunks recompute together and skip together: under
+        block-causal attention only a skipped *tail* of the active interval saves compute, and
+        per-chunk indicators stagger (some chunk always wants to run, the ones before it run as
+        its context). Chunk-level controls (no history, final step, error estimate, horizon)
+        still force the prefix of the active interval up to that chunk. "chunk" = one indicator
+        per chunk (the paper's per-unit reading).
+    indicator: what changes between calls: "input" (relative L1 change of the stack input
+        tokens: content, per prompt), "probe" (the model's time modulation: timestep only),
+        "probe+input", or "none" (only the controls and max_consecutive decide).
+    Decision per active chunk, with acc = indicator accumulated since its last Recompute and
+    s(sigma) the low-noise tightening factor: prefer="predict" tries Predict below
+    tau_predict * s, then Cache below tau_cache * s; prefer="cache" tries Cache first (the
+    paper's order). Predict extrapolates the last `order + 1` residuals as a polynomial in
+    `coordinate`, under its controls (`horizon_rho`, `error_estimate` / `eps_error`).
+    error_estimate: "observed" = the relative error this unit's predictor made the last time it
+        could be checked (the would-be prediction vs the recomputed residual), scaled to the
+        current horizon by (h / h_obs)^(order + 1): it bounds the predictor actually used;
+        "embedded" = difference to the order +- 1 polynomial; "off".
+    Thresholds are in the indicator's units: `scope calibrate` measures them per model and
+    schedule (the embedded model ships its calibrated config).
     """
 
     method: ClassVar[str] = "scope"
 
     tau_cache: float = 0.05
     tau_predict: float = 0.15
-    indicator: str = "probe"
+    granularity: str = "call"
+    indicator: str = "input"
     rescale: str | tuple[float, ...] | None = None
     probe_kind: str = "default"
-    warmup_steps: int = 3
+    coordinate: str = "sigma"
+    order: int = 1
+    prefer: str = "predict"
+    warmup_steps: int = 1
     force_final_step: bool = True
     max_consecutive: int = 4
-    order: int = 2
     history: int | None = None
-    horizon_rho: float = 1.0
-    eps_error: float = 0.05
+    horizon_rho: float = 4.0
+    error_estimate: str = "observed"
+    eps_error: float = 0.25
     sigma_floor_scale: float = 0.5
     sigma_knee: float = 1.0
     residual_dtype: str = "float32"
@@ -256,28 +332,30 @@ class ScopeConfig(AccelConfig):
     def validate(self) -> None:
         super().validate()
         ex = " (e.g. tau_cache=0.05, tau_predict=0.15)"
-        _check_float(self, "tau_cache", 0.0, example=ex)
-        _check_float(self, "tau_predict", 0.0, strict=True, allow_inf=True, example=ex)
-        if not self.tau_cache < self.tau_predict:
-            raise ValueError(f"ScopeConfig.tau_cache must be < tau_predict (got tau_cache="
-                             f"{self.tau_cache}, tau_predict={self.tau_predict}){ex}")
+        _check_float(self, "tau_cache", 0.0, allow_inf=True, example=ex)
+        _check_float(self, "tau_predict", 0.0, allow_inf=True, example=ex)
+        _check_choice(self, "granularity", SCOPE_GRANULARITIES)
         _check_choice(self, "indicator", SCOPE_INDICATORS)
         _normalise_rescale(self)
         if not isinstance(self.probe_kind, str) or not self.probe_kind:
             _fail(self, "probe_kind", "a non-empty string such as 'default', 'e0' or 'e'",
                   self.probe_kind)
-        _check_int(self, "warmup_steps", 0, example=" (Recompute calls per chunk first, e.g. 3)")
+        _check_choice(self, "coordinate", COORDINATES)
+        _check_choice(self, "prefer", PREFERENCES)
+        _check_int(self, "warmup_steps", 0, example=" (Recompute calls per chunk first, e.g. 1)")
         _check_bool(self, "force_final_step")
         _check_int(self, "max_consecutive", 1, example=" (non-Recompute calls in a row, e.g. 4)")
-        _check_int(self, "order", 0, 2, example=" (0 = reuse, 1 = linear, 2 = quadratic in sigma)")
+        _check_int(self, "order", 0, 2, example=" (0 = reuse, 1 = linear, 2 = quadratic in the "
+                                                 "coordinate)")
         if self.history is not None:
             _check_int(self, "history", self.order + 1, self.order + 2,
                        example=f" (order + 1 = {self.order + 1}, or order + 2 = {self.order + 2} "
                                f"to check the error against one order higher; null = order + 1)")
         _check_float(self, "horizon_rho", 0.0, strict=True, allow_inf=True,
-                     example=" (multiple of the sigma span the history covers, e.g. 1.0)")
+                     example=" (multiple of the coordinate span the history covers, e.g. 4.0)")
+        _check_choice(self, "error_estimate", ERROR_ESTIMATES)
         _check_float(self, "eps_error", 0.0, strict=True, allow_inf=True,
-                     example=" (relative error estimate that forces Recompute, e.g. 0.05)")
+                     example=" (relative error estimate that forces Recompute, e.g. 0.25)")
         _check_float(self, "sigma_floor_scale", 0.0, strict=True, high=1.0,
                      example=" (threshold scale at sigma=0; 1.0 = no tightening, e.g. 0.5)")
         _check_float(self, "sigma_knee", 0.0, strict=True, high=1.0,
@@ -286,6 +364,10 @@ class ScopeConfig(AccelConfig):
     @property
     def history_len(self) -> int:
         return self.order + 1 if self.history is None else self.history
+
+    @property
+    def needs_stack_feedback(self) -> bool:
+        return self.error_estimate != "off" and math.isfinite(self.eps_error)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -383,14 +465,15 @@ class TaylorSeerConfig(AccelConfig):
     """TaylorSeer at stack level: full compute at the first `first_enhance` steps and every
     `interval`-th step after; otherwise a Taylor expansion in the STEP index whose derivatives
     are backward differences between full steps. granularity "chunk" counts each chunk's own
-    steps; "global" counts `CallContext.step`."""
+    steps; "global" counts `CallContext.step` (one decision per model call, as the original:
+    the default). Defaults are TaylorSeer's Wan2.1 ones (interval 5, order 1, first_enhance 1)."""
 
     method: ClassVar[str] = "taylorseer"
 
     interval: int = 5
     order: int = 1
     first_enhance: int = 1
-    granularity: str = "chunk"
+    granularity: str = "global"
     force_final_step: bool = False
 
     def validate(self) -> None:
@@ -406,7 +489,8 @@ class TaylorSeerConfig(AccelConfig):
 class FBCacheConfig(AccelConfig):
     """First-Block Cache: always run block 0; if its residual changed by less than `threshold`
     (relative L1 against the residual at the last full compute), skip blocks 1..L-1 and add the
-    cached tail residual."""
+    cached tail residual. Finished chunks may be served from K/V (`kv_cache_finished`), block 0
+    and blocks 1..L-1 each keeping their own."""
 
     method: ClassVar[str] = "fbcache"
 
@@ -421,9 +505,62 @@ class FBCacheConfig(AccelConfig):
         _check_choice(self, "granularity", GRANULARITIES)
         _check_int(self, "warmup_steps", 0, example=" (e.g. 0)")
         _check_bool(self, "force_final_step")
-        if self.kv_cache_finished or self.kv_cache_stale:
-            raise ValueError("FBCacheConfig does not support kv_cache_finished / kv_cache_stale "
-                             "(block 0 and blocks 1..L-1 run as two passes); set both to false")
+        if self.kv_cache_stale:
+            raise ValueError("FBCacheConfig does not support kv_cache_stale (its skipped chunks "
+                             "never run the tail, so there is no stale K/V to serve); set it to false")
+
+    @property
+    def needs_whole_stack(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True, kw_only=True)
+class MagCacheConfig(AccelConfig):
+    """MagCache: skip while the accumulated magnitude-ratio error stays small.
+
+    From call `retention_ratio x num_steps` on, per skipped step: ratio *= gamma(step),
+    steps += 1, err += |1 - ratio|; skip (reuse the last residual) while err < threshold and
+    steps <= max_skip_steps, else compute and reset. gamma(step) = mean over tokens of
+    ||r_step|| / ||r_step-1|| is measured once on one prompt (`calibrate=true` records it;
+    `scope bench` does this on a training caption) and kept per CFG branch in `mag_ratios`
+    ({"cond": [...], "uncond": [...]}, index = the chunk's own step; resampled by nearest
+    index when the step count differs). Defaults are MagCache's Wan2.1 ones (thresh 0.12,
+    K 2, retention 0.2). One decision per model call (as the original), each active chunk's
+    ratio taken at its own step.
+    """
+
+    method: ClassVar[str] = "magcache"
+
+    threshold: float = 0.12
+    max_skip_steps: int = 2
+    retention_ratio: float = 0.2
+    num_steps: int | None = None
+    mag_ratios: dict[str, list[float]] | None = None
+    calibrate: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        _check_float(self, "threshold", 0.0, strict=True, example=" (e.g. 0.12 for Wan 1.3B)")
+        _check_int(self, "max_skip_steps", 1, example=" (K, e.g. 2)")
+        _check_float(self, "retention_ratio", 0.0, high=1.0, example=" (e.g. 0.2)")
+        if self.num_steps is not None:
+            _check_int(self, "num_steps", 1, example=" (denoising steps per chunk, e.g. 30)")
+        _check_bool(self, "calibrate")
+        ratios = self.mag_ratios
+        if ratios is not None:
+            ok = isinstance(ratios, dict) and ratios and all(
+                isinstance(k, str) and isinstance(v, (list, tuple)) and v and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+                    for x in v) for k, v in ratios.items())
+            if not ok:
+                _fail(self, "mag_ratios", "an object {branch: [positive ratio per step, ...]}, e.g. "
+                      "{\"cond\": [1.0, 0.98, ...], \"uncond\": [...]}", ratios)
+            object.__setattr__(self, "mag_ratios", {k: [float(x) for x in v] for k, v in ratios.items()})
+        elif not self.calibrate:
+            raise ValueError("MagCacheConfig.mag_ratios is not set: MagCache needs its magnitude "
+                             "ratios measured on this model first (run one generation with "
+                             "calibrate=true and pass the recorded `mag_ratios`; `scope bench` "
+                             "does this itself)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +569,7 @@ class FBCacheConfig(AccelConfig):
 
 METHOD_CONFIGS: dict[str, type[AccelConfig]] = {
     c.method: c for c in (NoneConfig, ScopeConfig, TeaCacheConfig, FlowCacheConfig,
-                          TaylorSeerConfig, FBCacheConfig)
+                          TaylorSeerConfig, FBCacheConfig, MagCacheConfig)
 }
 
 

@@ -81,6 +81,11 @@ class ExecReport:
     """What one `execute` measured: observed error of the would-be prediction at Recompute."""
 
     observed: dict[int, float] = field(default_factory=dict)   # window chunk -> relative error
+    observed_span: dict[int, float] = field(default_factory=dict)  # its horizon in the coordinate
+    norm_ratio: dict[int, float] = field(default_factory=dict)  # mean_token |r| / |r_prev| (MagCache)
+
+    def observations(self) -> dict[int, tuple[float, float]]:
+        return {j: (err, self.observed_span.get(j, 0.0)) for j, err in self.observed.items()}
 
 
 @dataclass
@@ -99,6 +104,7 @@ class StageExecutor:
         self.adapter, self.start, self.end = adapter, start, end
         self.extrapolator = policy.extrapolator
         self.order, self.history = policy.order, policy.history
+        self.measure_norm_ratio = bool(getattr(policy, "measure_norm_ratio", False))
         self.error_reference = policy.error_reference
         self.residual_dtype = config.residual_dtype
         self.residuals: StateStore[_History] = StateStore(_History)
@@ -122,7 +128,7 @@ class StageExecutor:
         out = out_sub if whole else h.clone()
         wd = torch.promote_types(h.dtype, torch.float32)
         report = ExecReport()
-        pending_err: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        pending_err: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
         for j, d in enumerate(plan.decisions):
             sl = slice(j * tpc, (j + 1) * tpc)
             h_in = h[:, sl]
@@ -133,7 +139,7 @@ class StageExecutor:
                 if j not in computed:
                     raise RuntimeError(f"chunk {j} is Recompute but its frames did not run "
                                        f"(run={sel.run})")
-                pending_err.extend(self._record(unit, d.coord, h_in, computed[j], j))
+                pending_err.extend(self._record(unit, d.coord, h_in, computed[j], j, report))
             elif d.mode == CACHE:
                 r_last = self._history(unit, j).residuals[-1]
                 out[:, sl] = (h_in.to(wd) + r_last.to(wd)).to(h.dtype)
@@ -144,9 +150,10 @@ class StageExecutor:
                 raise ValueError(f"unknown mode {d.mode!r} for chunk {j}")
         if pending_err:
             values = torch.stack([torch.stack([torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)])
-                                  for _, a, b in pending_err]).cpu().tolist()
-            for (j, _, _), (num, den) in zip(pending_err, values):
+                                  for _, a, b, _ in pending_err]).cpu().tolist()
+            for (j, _, _, span), (num, den) in zip(pending_err, values):
                 report.observed[j] = num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+                report.observed_span[j] = span
         self.last_report = report
         return out
 
@@ -199,18 +206,24 @@ class StageExecutor:
         return hist
 
     def _record(self, unit: UnitKey, coord: float, h_in: torch.Tensor, h_out: torch.Tensor,
-                j: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+                j: int, report: ExecReport | None = None) -> list[tuple[int, torch.Tensor, torch.Tensor, float]]:
+        """Append this Recompute's residual to the unit's history; return the would-be
+        prediction's error (checked against the residual just computed) for the report."""
         if self.history == 0:
             return []
         dtype = h_in.dtype if self.residual_dtype == "input" else DTYPES[self.residual_dtype]
         r = (h_out.to(torch.promote_types(h_out.dtype, torch.float32)) - h_in.to(
             torch.promote_types(h_in.dtype, torch.float32)))
         hist = self.residuals.ensure(unit)
-        err: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        err: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
         if hist.residuals and (not hist.coords or hist.coords[-1] != coord):
             guess = self._predict(hist, coord, strict=False)
             if guess is not None:
-                err.append((j, guess.to(r.dtype) - r, r))
+                err.append((j, guess.to(r.dtype) - r, r, abs(coord - hist.coords[-1])))
+            if self.measure_norm_ratio and report is not None:
+                prev = hist.residuals[-1].to(r.dtype)
+                ratio = (r.norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-12)).mean()
+                report.norm_ratio[j] = float(ratio)
         if hist.coords and hist.coords[-1] == coord:
             hist.coords.pop()
             hist.residuals.pop()
@@ -230,7 +243,10 @@ class StageExecutor:
             if strict:
                 raise RuntimeError(f"Predict of order {self.order} needs {self.order + 1} "
                                    f"residuals, this executor holds {n}")
-            return None
+            # checking only (observed error): the highest order the history allows, so the
+            # first check happens at the second Recompute (order 0 bounds order 1 from above
+            # on smooth residuals)
+            return newton_extrapolate(hist.coords, hist.residuals, coord, n - 1)
         return hist.residuals[-1].to(torch.promote_types(hist.residuals[-1].dtype, torch.float32))
 
     def estimate(self, unit: UnitKey, coord: float) -> float | None:

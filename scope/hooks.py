@@ -193,15 +193,16 @@ class Accelerator:
         self.config, self.adapter, self.num_blocks = config, adapter, int(num_blocks)
         self.policy = make_policy(config)
         start, end = block_range if block_range is not None else (0, self.num_blocks)
-        if self.policy.needs_first_block:
+        if config.needs_whole_stack:
             if self.num_blocks < 2 or (start, end) != (0, self.num_blocks):
-                raise ValueError("FBCache needs the whole stack in one process and >= 2 blocks")
+                raise ValueError(f"{config.method} needs the whole stack in one process and >= 2 blocks")
             start = 1
         self.executor = StageExecutor(config, adapter, start, end)
         self._head = _HeadExecutor(config, adapter) if self.policy.needs_first_block else None
         self._plan_blocks = self.num_blocks - (1 if self.policy.needs_first_block else 0)
         self._stats: dict[str, RequestStats] = {}
         self._kv_ledger: StateStore[_KVEntry] = StateStore()
+        self._head_kv: StateStore[_KVEntry] = StateStore()   # FBCache block 0's K/V ledger
         self._ctx: CallContext | None = None
         self._stack_calls = 0
         self._busy = False
@@ -254,9 +255,20 @@ class Accelerator:
 
     def _run_first_block(self, ctx: CallContext, h: torch.Tensor, inputs: Any,
                          run_fn: RunFn) -> torch.Tensor:
-        """FBCache: block 0 on every active chunk (plus context), decide, then blocks 1..L-1."""
-        head = plan_selective(ctx.active, ctx.active, causal=ctx.causal, mode=self.config.selective,
-                              context_chunks=self.config.context_chunks)
+        """FBCache: block 0 on every active chunk (plus context; finished chunks served from
+        block 0's own K/V when `kv_cache_finished`), decide, then blocks 1..L-1."""
+        cfg = self.config
+        # chunks behind the window leave block 0's K/V too (memory bounded by the window)
+        behind = [k.chunk for k in self._head_kv.keys(ctx.request, ctx.branch) if k.chunk < ctx.chunk_offset]
+        self._head_kv.drop_chunks(ctx.request, behind, ctx.branch)
+        self._head.release(ctx.request, behind, ctx.branch)
+        ready = []
+        for j in range(ctx.num_chunks):
+            e = self._head_kv.get(ctx.unit(j))
+            ready.append(e is not None and e.offset == ctx.chunk_offset and e.sigma == ctx.sigmas[j])
+        head = plan_selective(ctx.active, ctx.active, causal=ctx.causal, mode=cfg.selective,
+                              context_chunks=cfg.context_chunks, kv_cache_finished=cfg.kv_cache_finished,
+                              kv_finished_ready=ready)
         h1 = h
         if head.run:
             head_plan = CallPlan(ctx.request, ctx.branch, ctx.step, ctx.chunk_offset,
@@ -264,6 +276,8 @@ class Accelerator:
                                  tuple(_run_decision(ctx, j, head.run) for j in range(ctx.num_chunks)),
                                  head)
             h1 = self._head.execute(head_plan, h, inputs, run_fn)
+            for j in head.kv_capture:
+                self._head_kv.set(ctx.unit(j), _KVEntry(ctx.chunk_offset, ctx.sigmas[j], True))
         plan = self.plan(ctx, probe=h1 - h, h=h)
         self._stats_for(ctx.request).block_evals += len(head.run)
         self._stats_for(ctx.request).context_block_evals += len(
@@ -382,10 +396,16 @@ class Accelerator:
                                  "est_error": d.est_error, "observed_error": None})
 
     def record_report(self, plan: CallPlan, report: ExecReport) -> None:
-        """Add an executor's measured errors to the request's stats."""
+        """Add an executor's measured errors to the request's stats and feed them back to the
+        policy (SCOPE's observed-error control)."""
         st = self._stats_for(plan.request)
         for j, err in report.observed.items():
             st.observed_error.add(err)
+        self.policy.observe(plan.request, plan.branch, plan.chunk_offset, report.observations())
+        for j, ratio in report.norm_ratio.items():
+            unit = self.policy.units.get(plan.unit(j))
+            step = 0 if unit is None else unit.active_calls - 1
+            st.mag_ratios.setdefault(plan.branch, {}).setdefault(step, []).append(ratio)
         if self.config.trace and report.observed:
             rows = st.trace[-plan.num_chunks:]
             for row in rows:
@@ -403,12 +423,18 @@ class Accelerator:
         self.policy.release(request, chunks)
         self.executor.release(request, chunks)
         self._kv_ledger.drop_chunks(request, chunks)
+        self._head_kv.drop_chunks(request, chunks)
+        if self._head is not None:
+            self._head.release(request, chunks)
 
     def end_request(self, request: str) -> RequestStats:
         """Drop everything of a request and return its stats."""
         self.policy.end_request(request)
         self.executor.end_request(request)
         self._kv_ledger.drop_request(request)
+        self._head_kv.drop_request(request)
+        if self._head is not None:
+            self._head.end_request(request)
         stats = self._stats.pop(request, None)
         return stats if stats is not None else RequestStats(request=request, method=self.config.method,
                                                             num_blocks=self.num_blocks)

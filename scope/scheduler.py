@@ -33,6 +33,7 @@ class Decision:
     est_error: float | None = None     # embedded error estimate (Predict only)
     indicator: float | None = None     # this call's change indicator (after rescale)
     acc: float = 0.0                   # accumulated indicator if this call does not recompute
+    ratio: float = 1.0                 # MagCache: accumulated magnitude ratio if not recomputing
 
     def upgraded(self, reason: str) -> Decision:
         return dataclasses.replace(self, mode=RECOMPUTE, reason=reason, est_error=None)
@@ -49,6 +50,9 @@ class UnitState:
     since_recompute: int = 0                  # consecutive non-Recompute active calls
     coords: list[float] = field(default_factory=list)  # coordinates of kept residuals, oldest first
     last_sigma: float | None = None           # noise level at the last active call
+    observed: float | None = None             # relative error of the would-be prediction, last check
+    observed_span: float = 0.0                # its horizon (coordinate distance to the newest point)
+    ratio: float = 1.0                        # MagCache: accumulated magnitude ratio since Recompute
 
 
 @dataclass
@@ -110,6 +114,20 @@ def poly_eval(coeffs: Sequence[float] | None, x: float) -> float:
     return max(value, 0.0)
 
 
+def coordinate_value(kind: str, sigma: float, step: int) -> float:
+    """The extrapolation coordinate of a chunk at noise level `sigma`, its own step index `step`."""
+    if kind == "sigma":
+        return sigma
+    if kind == "timestep":
+        return 1000.0 * sigma
+    if kind == "step":
+        return float(step)
+    if kind == "logsnr":
+        s = min(max(sigma, 1e-4), 1.0 - 1e-4)   # finite at the clean and pure-noise ends
+        return math.log((1.0 - s) / s)
+    raise ValueError(f"unknown coordinate {kind!r}; valid: sigma, timestep, step, logsnr")
+
+
 def tighten_factor(sigma: float, floor_scale: float, knee: float) -> float:
     """1 above `knee`, shrinking linearly to `floor_scale` at sigma 0."""
     if sigma >= knee:
@@ -164,7 +182,7 @@ class Policy:
                      inp: torch.Tensor | None) -> None:
         st.active_calls += 1
         if d.mode == RECOMPUTE:
-            st.acc = 0.0
+            st.acc, st.ratio = 0.0, 1.0
             st.since_recompute = 0
             if self.history > 0:
                 if st.coords and st.coords[-1] == d.coord:
@@ -172,7 +190,7 @@ class Policy:
                 st.coords.append(d.coord)
                 del st.coords[: -self.history]
         else:
-            st.acc = d.acc
+            st.acc, st.ratio = d.acc, d.ratio
             st.since_recompute += 1
         if signal is not None and (d.mode == RECOMPUTE or not self.signal_on_recompute_only):
             st.prev_signal = detached(signal)
@@ -190,6 +208,14 @@ class Policy:
         else:
             g.acc = active[0].acc
             g.since_recompute += 1
+
+    def observe(self, request: str, branch: str, chunk_offset: int,
+                observed: dict[int, tuple[float, float]]) -> None:
+        """Measured errors of would-be predictions (window chunk -> (relative error, horizon))."""
+        for j, (err, span) in observed.items():
+            st = self.units.get(UnitKey(request, branch, chunk_offset + j))
+            if st is not None:
+                st.observed, st.observed_span = err, span
 
     # -- lifecycle -------------------------------------------------------------------------------
     def release(self, request: str, chunks: Sequence[int], branch: str | None = None) -> None:
@@ -234,19 +260,21 @@ class ScopeScheduler(Policy):
     """SCOPE's tri-modal decision with its stability controls.
 
     Per active chunk, in order (first match wins):
-      warm-up (first `warmup_steps` active calls) -> Recompute "warmup"
+      warm-up (first `warmup_steps` active calls of the chunk) -> Recompute "warmup"
       final step (`force_final_step`, sigma_next == 0) -> Recompute "final"
       no residual yet -> Recompute "no-history"
       `max_consecutive` non-Recompute calls in a row -> Recompute "max-consecutive"
-      acc < tau_cache * s(sigma) -> Cache "below-tau-cache"
-      acc < tau_predict * s(sigma):
-          fewer than order + 1 residuals -> Recompute "short-history"
-          |sigma - sigma_newest| > rho * span of the used points -> Recompute "horizon"
-          embedded error > eps_error * s(sigma) -> Recompute "error-estimate"
-          else Predict "predict"
-      else -> Recompute "above-tau-predict"
-    where acc = indicator accumulated since the last Recompute including this call and
-    s(sigma) is the low-sigma tightening factor.
+      then the two reuse bands in the `prefer` order (predict first by default):
+        acc < tau_predict * s(sigma) and the Predict controls pass -> Predict "predict"
+            (controls: order + 1 residuals kept, else "short-history"; the horizon
+             |x - x_newest| <= rho * span of the used points, else "horizon"; the error
+             estimate <= eps_error * s(sigma), else "error-estimate")
+        acc < tau_cache * s(sigma) -> Cache "below-tau-cache"
+      else -> Recompute with the reason of the last band that failed ("above-tau" when the
+      indicator was above both thresholds)
+    where acc = indicator accumulated since the chunk's last Recompute including this call
+    (granularity "call": the same call-level increment for every active chunk) and s(sigma) the
+    low-sigma tightening factor; x is the chunk's coordinate (`coordinate_value`).
     """
 
     name = "scope"
@@ -267,7 +295,7 @@ class ScopeScheduler(Policy):
     def propose(self, ctx: CallContext, signals: ChunkSignals,
                 estimate: ErrorEstimator = no_estimate) -> list[Decision]:
         cfg = self.config
-        d_all = self._indicators(ctx, signals, self.needs_probe, self.needs_input, self.rescale)
+        increments = self._increments(ctx, signals)
         out = []
         for j in range(ctx.num_chunks):
             if not ctx.active[j]:
@@ -275,12 +303,13 @@ class ScopeScheduler(Policy):
                 continue
             unit = ctx.unit(j)
             st = self.units.get(unit) or UnitState()
-            sigma, d = ctx.sigmas[j], d_all[j]
+            sigma, d = ctx.sigmas[j], increments[j]
+            coord = coordinate_value(cfg.coordinate, sigma, st.active_calls)
             acc = st.acc + d
             scale = tighten_factor(sigma, cfg.sigma_floor_scale, cfg.sigma_knee)
 
             def make(mode: str, reason: str, est: float | None = None) -> Decision:
-                return Decision(mode, reason, coord=sigma, est_error=est, indicator=d, acc=acc)
+                return Decision(mode, reason, coord=coord, est_error=est, indicator=d, acc=acc)
 
             final = ctx.is_final(j)
             if cfg.force_final_step and final is None:
@@ -295,24 +324,76 @@ class ScopeScheduler(Policy):
                 out.append(make(RECOMPUTE, "no-history"))
             elif st.since_recompute >= cfg.max_consecutive:
                 out.append(make(RECOMPUTE, "max-consecutive"))
-            elif acc < cfg.tau_cache * scale:
-                out.append(make(CACHE, "below-tau-cache"))
-            elif acc < cfg.tau_predict * scale:
-                out.append(self._predict_or_recompute(unit, st, sigma, scale, estimate, make))
             else:
-                out.append(make(RECOMPUTE, "above-tau-predict"))
+                out.append(self._reuse_or_recompute(unit, st, coord, acc, scale, estimate, make))
         return out
 
-    def _predict_or_recompute(self, unit, st, sigma, scale, estimate, make) -> Decision:
+    # -- the two reuse bands ---------------------------------------------------------------------
+    def _reuse_or_recompute(self, unit, st, coord, acc, scale, estimate, make) -> Decision:
+        cfg = self.config
+        bands = (PREDICT, CACHE) if cfg.prefer == "predict" else (CACHE, PREDICT)
+        why, why_est = "above-tau", None
+        for mode in bands:
+            tau = cfg.tau_predict if mode == PREDICT else cfg.tau_cache
+            if not acc < tau * scale:
+                continue
+            if mode == CACHE:
+                return make(CACHE, "below-tau-cache")
+            failed, est = self._predict_control(unit, st, coord, scale, estimate)
+            if failed is None:
+                return make(PREDICT, "predict", est)
+            why, why_est = failed, est
+        return make(RECOMPUTE, why, why_est)
+
+    def _predict_control(self, unit, st, coord, scale, estimate) -> tuple[str | None, float | None]:
+        """(None, estimate) when Predict may run, else (the control that refused it, estimate)."""
         cfg, k = self.config, self.order
         if len(st.coords) < k + 1:
-            return make(RECOMPUTE, "short-history")
+            return "short-history", None
         if k >= 1:
             used = st.coords[-(k + 1):]
             span = max(used) - min(used)
-            if abs(sigma - used[-1]) > cfg.horizon_rho * span:
-                return make(RECOMPUTE, "horizon")
-        est = estimate(unit, sigma)
+            if abs(coord - used[-1]) > cfg.horizon_rho * span:
+                return "horizon", None
+        est = self.error_estimate(unit, st, coord, estimate)
         if est is not None and est > cfg.eps_error * scale:
-            return make(RECOMPUTE, "error-estimate", est)
-        return make(PREDICT, "predict", est)
+            return "error-estimate", est
+        return None, est
+
+    def error_estimate(self, unit: UnitKey, st: UnitState, coord: float,
+                       estimate: ErrorEstimator = no_estimate) -> float | None:
+        """Relative error expected of a Predict at `coord` (None = no information yet)."""
+        kind = self.config.error_estimate
+        if kind == "off":
+            return None
+        if kind == "embedded":
+            return estimate(unit, coord)
+        if st.observed is None or not st.coords:
+            return None
+        h = abs(coord - st.coords[-1])
+        if st.observed_span <= 0.0:
+            return st.observed
+        # local error of an order-k extrapolation grows like h^(k+1)
+        return st.observed * (h / st.observed_span) ** (self.order + 1)
+
+    # -- indicator ---------------------------------------------------------------------------------
+    def _increments(self, ctx: CallContext, signals: ChunkSignals) -> list[float]:
+        """This call's indicator per window chunk (the same call-level value under "call")."""
+        cfg, C = self.config, ctx.num_chunks
+        if cfg.indicator == "none":
+            return [0.0] * C
+        if cfg.granularity == "chunk":
+            return self._indicators(ctx, signals, self.needs_probe, self.needs_input, self.rescale)
+        active = [j for j in range(C) if ctx.active[j]]
+        states = [self.units.get(ctx.unit(j)) for j in active]
+        total = 0.0
+        for use, values, attr, poly in ((self.needs_probe, signals.probe, "prev_signal", self.rescale),
+                                        (self.needs_input, signals.input, "prev_input", None)):
+            if not use:
+                continue
+            cur = [_pick(values, j) for j in active]
+            prev = [None if s is None else getattr(s, attr) for s in states]
+            known = [p for p in l1_parts(cur, prev) if p is not None]
+            rel = math.inf if not known else rel_l1((sum(p[0] for p in known), sum(p[1] for p in known)))
+            total += poly_eval(poly, rel)
+        return [total if ctx.active[j] else 0.0 for j in range(C)]

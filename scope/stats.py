@@ -78,6 +78,8 @@ class RequestStats:
     est_error: ErrorSummary = field(default_factory=ErrorSummary)       # embedded, at Predict
     observed_error: ErrorSummary = field(default_factory=ErrorSummary)  # measured at Recompute
     trace: list[dict[str, Any]] = field(default_factory=list)
+    # MagCache calibration: measured magnitude ratio per branch per chunk step
+    mag_ratios: dict[str, dict[int, list[float]]] = field(default_factory=dict)
 
     def record_mode(self, chunk: int, mode: str, reason: str) -> None:
         self.chunk_calls += 1
@@ -110,6 +112,7 @@ class RequestStats:
             "est_error": self.est_error.to_dict(),
             "observed_error": self.observed_error.to_dict(),
             "trace": list(self.trace),
+            "mag_ratios": {b: {str(k): v for k, v in sorted(d.items())} for b, d in self.mag_ratios.items()},
         }
 
 
@@ -141,4 +144,7 @@ def merge_stats(request: str, parts: list[RequestStats]) -> RequestStats:
             mine.total += theirs.total
             mine.max = max(mine.max, theirs.max)
         merged.trace.extend(part.trace)
+        for branch, by_step in part.mag_ratios.items():
+            for step, values in by_step.items():
+                merged.mag_ratios.setdefault(branch, {}).setdefault(step, []).extend(values)
     return merged

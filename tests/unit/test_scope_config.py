@@ -1,6 +1,7 @@
 """Configs check themselves and say what a valid value looks like."""
 
 import json
+import math
 
 import pytest
 
@@ -8,17 +9,39 @@ from scope.config import (METHOD_CONFIGS, RESCALE_POLYNOMIALS, AccelConfig, FBCa
                           ScopeConfig, TeaCacheConfig, load_config, make_config, resolve_rescale)
 
 
+# the one field a method cannot default: MagCache's ratios are measured on the model
+REQUIRED = {"magcache": {"mag_ratios": {"cond": [1.0, 0.99, 0.97], "uncond": [1.0, 0.98, 0.96]}}}
+
+
 def test_every_method_builds_with_defaults_and_round_trips_through_json(tmp_path):
     for method in METHOD_CONFIGS:
-        cfg = make_config(method)
+        cfg = make_config(method, **REQUIRED.get(method, {}))
         path = tmp_path / f"{method}.json"
         path.write_text(cfg.to_json())
         assert load_config(path) == cfg, f"{method}: JSON round trip changed the config"
 
 
 def test_make_config_unknown_method_lists_valid_methods():
-    with pytest.raises(ValueError, match="valid methods: none, scope, teacache, flowcache, taylorseer, fbcache"):
+    with pytest.raises(ValueError, match="valid methods: none, scope, teacache, flowcache, taylorseer, "
+                                         "fbcache, magcache"):
+        make_config("pab")
+
+
+def test_magcache_without_measured_ratios_says_how_to_get_them():
+    with pytest.raises(ValueError, match="mag_ratios is not set.*calibrate=true"):
         make_config("magcache")
+    with pytest.raises(ValueError, match="MagCacheConfig.mag_ratios must be"):
+        make_config("magcache", mag_ratios={"cond": [1.0, -2.0]})
+    assert make_config("magcache", calibrate=True).mag_ratios is None
+
+
+def test_calibrated_config_names_every_schedule_difference():
+    cfg = make_config("scope", calibrated_for={"num_steps": 30, "ar_step": 2, "shift": 3.0})
+    assert cfg.schedule_mismatch({"num_steps": 30, "ar_step": 2, "shift": 3.0}) == []
+    assert cfg.schedule_mismatch({"num_steps": 10, "ar_step": 0, "shift": 3.0}) == [
+        "ar_step: calibrated 2, used with 0", "num_steps: calibrated 30, used with 10"]
+    with pytest.raises(ValueError, match="calibrated_for must be null or an object with keys"):
+        make_config("scope", calibrated_for={"stepz": 30})
 
 
 def test_unknown_key_is_an_error_listing_valid_keys():
@@ -39,7 +62,11 @@ def test_load_config_reports_file_and_problem(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"tau_cache": 0.2, "tau_predict": 0.1}, "tau_cache must be < tau_predict"),
+    ({"tau_predict": math.nan}, "tau_predict must be a number >= 0.0"),
+    ({"coordinate": "time"}, "coordinate must be one of 'sigma', 'timestep', 'step', 'logsnr'"),
+    ({"prefer": "both"}, "prefer must be one of 'predict', 'cache'"),
+    ({"error_estimate": "guess"}, "error_estimate must be one of 'observed', 'embedded', 'off'"),
+    ({"granularity": "tile"}, "granularity must be one of 'call', 'chunk'"),
     ({"tau_cache": -0.1}, r"tau_cache must be a number >= 0.0"),
     ({"indicator": "magnitude"}, "indicator must be one of 'probe', 'input', 'probe\\+input'"),
     ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0"),
@@ -83,9 +110,17 @@ def test_rescale_names_resolve_to_published_coefficients_and_custom_lists_become
     assert cfg.to_dict()["rescale"] == [2.0, 0.0]
 
 
-def test_fbcache_refuses_kv_options():
-    with pytest.raises(ValueError, match="FBCacheConfig does not support kv_cache"):
-        FBCacheConfig(selective="exact", kv_cache_finished=True)
+def test_fbcache_serves_finished_kv_but_refuses_stale_kv():
+    assert FBCacheConfig(selective="exact", kv_cache_finished=True).kv_cache_finished
+    with pytest.raises(ValueError, match="FBCacheConfig does not support kv_cache_stale"):
+        FBCacheConfig(selective="approx", kv_cache_stale=True)
+
+
+def test_configs_say_what_the_system_must_provide():
+    assert FBCacheConfig().needs_whole_stack and not ScopeConfig().needs_whole_stack
+    assert ScopeConfig().needs_stack_feedback
+    assert not ScopeConfig(error_estimate="off").needs_stack_feedback
+    assert not ScopeConfig(eps_error=math.inf).needs_stack_feedback
 
 
 def test_from_dict_on_a_subclass_checks_the_method():

@@ -17,7 +17,8 @@ EXACT = dict(rtol=1e-12, atol=1e-12)
 
 def scope_cfg(**kw):
     base = dict(force_final_step=False, sigma_floor_scale=1.0, residual_dtype="input",
-                max_consecutive=100, eps_error=math.inf)
+                max_consecutive=100, eps_error=math.inf, granularity="chunk", indicator="probe",
+                prefer="cache", order=2, horizon_rho=1.0, error_estimate="embedded")
     return ScopeConfig(**{**base, **kw})
 
 
@@ -304,11 +305,13 @@ def test_observed_error_and_trace_are_recorded():
     for step, s in enumerate([1.0, 0.8, 0.6, 0.4]):
         call(model, accel, make_ctx([s], step=step), make_hidden(1), [s])
     st = accel.stats("r")
-    assert st.observed_error.count == 2          # order 1 needs 2 points before it can guess
+    # checked from the second Recompute on: order 0 while only one point is kept, then order 1
+    assert st.observed_error.count == 3
     assert st.observed_error.max > 0.0           # the toy residual is quadratic
     assert [row["mode"] for row in st.trace] == ["recompute"] * 4
-    assert st.trace[-1]["observed_error"] == pytest.approx(st.observed_error.max) or \
-        st.trace[-2]["observed_error"] == pytest.approx(st.observed_error.max)
+    observed = [row["observed_error"] for row in st.trace]
+    assert observed[0] is None and None not in observed[1:]
+    assert max(observed[1:]) == pytest.approx(st.observed_error.max)
 
 
 # ---------------------------------------------------------------------------------------------
