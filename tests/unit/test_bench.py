@@ -333,7 +333,7 @@ def test_rows_carry_the_floor_and_the_limit(rows):
     ref_wall = rows[0]["per_prompt"][0]["wall_s"]
     for r in rows:
         assert 0 < r["overhead_floor_s"] and r["speedup_limit"] == pytest.approx(
-            ref_wall / r["overhead_floor_s"], rel=1e-3)
+            ref_wall / r["overhead_floor_s"], rel=5e-3)   # both rounded to 0.1 ms
     # no block evaluated: the reference's floor is below its full-compute wall-clock
     assert rows[0]["overhead_floor_s"] < rows[0]["wall_s"] and rows[0]["speedup_limit"] > 1
     table = format_table(rows)
