@@ -128,15 +128,22 @@ class StageWorker:
         if cfg is None:
             return
         from scope.executor import StageExecutor
-        from scope.hooks import Accelerator
+        from scope.hooks import make_accelerator
         self.adapter = self.family.accel_adapter()
         L, (start, end) = self.stage.num_blocks, (self.stage.start, self.stage.end)
         if self.whole:
-            self.decider = Accelerator(cfg, self.adapter, L)
+            self.decider = make_accelerator(cfg, self.adapter, L)
             self.executor = self.decider.executor
             return
-        if self.stage.is_first:
-            self.decider = Accelerator(cfg, self.adapter, L, block_range=(0, L))  # executor = mirror
+        if self.stage.is_first and self.options.feedback:
+            # decisions need whole-stack residuals: decide on a whole-stack mirror fed back by
+            # the last stage; this stage executes its own range on its own unit states
+            self.decider = make_accelerator(cfg, self.adapter, L, block_range=(0, L))
+        elif self.stage.is_first:
+            # decide on this stage's own unit states (one object per unit, nothing mirrored)
+            self.decider = make_accelerator(cfg, self.adapter, L, block_range=(start, end))
+            self.executor = self.decider.executor
+            return
         self.executor = StageExecutor(cfg, self.adapter, start, end)
 
     @property

@@ -71,34 +71,27 @@ SELECTIVE_STALE_KV: dict[str, Any] = {"selective": "approx", "context_chunks": 1
 # use the raw relative-L1 change (no polynomial) and move the threshold instead.
 TEACACHE_SWEEP_BASE: dict[str, Any] = {"rescale": None}
 
-# SCOPE's reference thresholds (scope/config.py defaults): the sweep scales both by `s`,
-# tau_predict = RATIO x tau_cache. The ablations sit at ABLATION_SCALE, a point of the sweep
-# where the scheduler does skip steps on the procedural model (at x1 it recomputes everything).
-SCOPE_TAU_CACHE = 0.05
-SCOPE_RATIO = 3.0
-ABLATION_SCALE = 4.0
-
-# Main knob per method and the values swept. Ranges were set from traces of the shipped model's
-# indicators at 30 steps (SCOPE probe: x1 caches about a quarter of the active chunk-calls, x4
-# hits max_consecutive; TeaCache / FlowCache / FBCache relative-L1 changes 0.05-0.4 per step).
+# Every case runs with the selective computation that is exact on the block-causal procedural
+# model (lossless, so it only ever makes a baseline stronger); FBCache serves block 0's and the
+# tail's finished-chunk K/V too.
+# Main knob per method and the values swept. "scope" sweeps max_consecutive around the
+# calibrated config (the knob that sets its cost); baselines sweep their published knob.
 SWEEPS: dict[str, dict[str, list[float]]] = {
     "default": {
-        "scope": [0.5, 1.0, 2.0, 4.0, 8.0],                  # multiples of (tau_cache, tau_predict)
-        "scope-stale": [0.25, 0.5, 1.0, 2.0, 4.0],           # the same, with stale K/V (approx)
-        "teacache-global": [0.03, 0.06, 0.12],               # threshold, one decision per window
-        "teacache-chunk": [0.1, 0.2, 0.4],                   # threshold, one decision per chunk
-        "flowcache": [0.1, 0.2, 0.4],                        # threshold (input indicator)
-        "taylorseer": [2, 3, 5],                             # refresh interval
-        "fbcache": [0.1, 0.2, 0.4],                          # threshold
+        "scope": [2, 4],                                     # max_consecutive around the calibrated one
+        "teacache-global": [0.03, 0.06],                     # threshold, one decision per window
+        "flowcache": [0.2],                                  # threshold (input indicator)
+        "taylorseer": [2, 3],                                # refresh interval, one decision per call
+        "fbcache": [0.15],                                   # threshold
+        "magcache": [0.06, 0.24],                            # threshold at K = 4 (README's 1.3B setting)
     },
     "wide": {
-        "scope": [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0],
-        "scope-stale": [0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0],
-        "teacache-global": [0.02, 0.03, 0.045, 0.06, 0.09, 0.12, 0.24],
-        "teacache-chunk": [0.1, 0.15, 0.2, 0.3, 0.6],
-        "flowcache": [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.8],
-        "taylorseer": [2, 3, 4, 5, 7],
-        "fbcache": [0.1, 0.15, 0.2, 0.3, 0.5, 0.8],
+        "scope": [2, 3, 4, 6, 8],
+        "teacache-global": [0.02, 0.03, 0.045, 0.06, 0.09, 0.12],
+        "flowcache": [0.1, 0.2, 0.4],
+        "taylorseer": [2, 3, 4, 5],
+        "fbcache": [0.1, 0.15, 0.2, 0.4],
+        "magcache": [0.03, 0.06, 0.12, 0.24, 0.48],
     },
 }
 
@@ -128,29 +121,33 @@ def reference_case() -> BenchCase:
     return BenchCase("none", "full compute (reference)", None, "reference", "reference")
 
 
-def scope_config(scale: float = 1.0, ratio: float = SCOPE_RATIO, tau_cache: float = SCOPE_TAU_CACHE,
-                 **overrides: Any) -> dict[str, Any]:
-    """SCOPE config dict at `scale` x (tau_cache, ratio x tau_cache), exact selective computation."""
-    tc = tau_cache * scale
-    return {"method": "scope", "tau_cache": tc, "tau_predict": tc * ratio, **SELECTIVE_EXACT, **overrides}
+def scope_config(**overrides: Any) -> dict[str, Any]:
+    """SCOPE as `scope generate --accel scope` runs it on the embedded model (its shipped,
+    calibrated config), exact selective computation, plus overrides."""
+    from pipelines.procedural.bundle import default_accel_config
+
+    from scope.config import AccelConfig
+
+    shipped = default_accel_config("scope")
+    base = shipped.to_dict() if shipped is not None else {"method": "scope"}
+    return AccelConfig.from_dict({**base, **SELECTIVE_EXACT, **overrides}).to_dict()
 
 
 def no_predict(config: dict[str, Any]) -> dict[str, Any]:
-    """The same SCOPE config with the Predict band emptied: acc >= tau_cache recomputes.
-
-    The config requires tau_cache < tau_predict (strict), so the band cannot be exactly empty;
-    tau_predict = the next float above tau_cache leaves no representable indicator value in it."""
-    return {**config, "tau_predict": math.nextafter(config["tau_cache"], math.inf)}
+    """The same SCOPE config without Predict: tau_predict = 0 (the indicator is never < 0)."""
+    return {**config, "tau_predict": 0.0}
 
 
 def no_cache(config: dict[str, Any]) -> dict[str, Any]:
-    """The same SCOPE config without Cache: tau_cache = 0 (the indicator is never < 0)."""
+    """The same SCOPE config without Cache: tau_cache = 0."""
     return {**config, "tau_cache": 0.0}
 
 
-def bench_cases(methods: Sequence[str], sweep: str = "default") -> list[BenchCase]:
+def bench_cases(methods: Sequence[str], sweep: str = "default",
+                mag_ratios: dict[str, list[float]] | None = None, num_steps: int | None = None) -> list[BenchCase]:
     """Defaults, sweeps and ablations for the methods asked for ('none' adds the selective-only
-    ablation and the timing control; the reference always runs)."""
+    ablation and the timing control; the reference always runs). MagCache needs `mag_ratios`
+    measured on the model (`measure_mag_ratios`) and the schedule's `num_steps`."""
     from scope.config import METHOD_CONFIGS
 
     unknown = [m for m in methods if m not in METHOD_CONFIGS]
@@ -158,56 +155,76 @@ def bench_cases(methods: Sequence[str], sweep: str = "default") -> list[BenchCas
         raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(METHOD_CONFIGS)}")
     if sweep not in ("none", *SWEEPS):
         raise ValueError(f"unknown sweep {sweep!r}; valid: none, {', '.join(SWEEPS)}")
+    if "magcache" in methods and mag_ratios is None:
+        raise ValueError("bench_cases: magcache needs mag_ratios (measure them with measure_mag_ratios)")
     values = SWEEPS.get(sweep, {})
+    mag = {"mag_ratios": mag_ratios, "num_steps": num_steps}
     cases: list[BenchCase] = []
-    # 1. each method exactly at its shipped defaults (scope/config.py), as a user gets it
-    for m in methods:
-        if m != "none":
-            cases.append(BenchCase(m, "defaults", {"method": m}, "default", f"{m} defaults"))
-    # 2. sweeps of the main knob, all with exact selective computation (free under causal attention)
+    # 1. each method at its published / shipped defaults, with exact selective computation
     for m in methods:
         if m == "scope":
-            for v in values.get("scope", []):
-                cfg = scope_config(v)
-                cases.append(BenchCase(m, f"x{v:g} tau=({cfg['tau_cache']:.3g},{cfg['tau_predict']:.3g}) sel=exact",
-                                       cfg, "sweep", "scope sel=exact+kv"))
-            for v in values.get("scope-stale", []):
-                cfg = scope_config(v, **SELECTIVE_STALE_KV)
-                cases.append(BenchCase(m, f"x{v:g} tau=({cfg['tau_cache']:.3g},{cfg['tau_predict']:.3g}) stale kv",
-                                       cfg, "sweep", "scope stale kv"))
-        elif m == "teacache":
-            for gran in ("global", "chunk"):
-                for v in values.get(f"teacache-{gran}", []):
-                    cfg = {"method": m, **TEACACHE_SWEEP_BASE, "threshold": v, "granularity": gran, **SELECTIVE_EXACT}
-                    cases.append(BenchCase(m, f"{gran} thr={v:g} (no poly) sel=exact", cfg, "sweep",
-                                           f"teacache-{gran}"))
-        elif m in ("flowcache", "fbcache"):
-            sel = SELECTIVE_EXACT if m == "flowcache" else SELECTIVE_EXACT_NO_KV
-            for v in values.get(m, []):
-                cases.append(BenchCase(m, f"thr={v:g} sel=exact", {"method": m, "threshold": v, **sel}, "sweep", m))
-        elif m == "taylorseer":
-            for v in values.get(m, []):
-                cfg = {"method": m, "interval": int(v), **SELECTIVE_EXACT}
-                cases.append(BenchCase(m, f"interval={int(v)} sel=exact", cfg, "sweep", m))
-    if sweep != "none" and "scope" in methods:
-        # SCOPE's selective mode at the ablation thresholds
-        for sel in ({"selective": "off"}, {"selective": "approx", "kv_cache_finished": True, "kv_cache_stale": True}):
-            cfg = scope_config(ABLATION_SCALE, **{"kv_cache_finished": False, **sel})
-            label = f"x{ABLATION_SCALE:g} sel=" + sel["selective"] + (" +stale kv" if sel.get("kv_cache_stale") else "")
-            cases.append(BenchCase("scope", label, cfg, "sweep", "scope selective mode"))
+            cases.append(BenchCase(m, "calibrated (shipped config)", scope_config(), "default", "scope defaults"))
+        elif m == "magcache":
+            cases.append(BenchCase(m, "defaults thr=0.12 K=2 ret=0.2", {"method": m, **mag, **SELECTIVE_EXACT},
+                                   "default", "magcache defaults"))
+        elif m != "none":
+            cases.append(BenchCase(m, "defaults", {"method": m, **SELECTIVE_EXACT}, "default", f"{m} defaults"))
+    # 2. sweeps of the main knob
+    for m in methods:
+        for v in values.get(m, []) if m != "teacache" else values.get("teacache-global", []):
+            if m == "scope":
+                cfg, label = scope_config(max_consecutive=int(v)), f"max_consecutive={int(v)}"
+            elif m == "teacache":
+                cfg = {"method": m, **TEACACHE_SWEEP_BASE, "threshold": v, "granularity": "global", **SELECTIVE_EXACT}
+                label = f"global thr={v:g} (no poly)"
+            elif m == "taylorseer":
+                cfg, label = {"method": m, "interval": int(v), **SELECTIVE_EXACT}, f"interval={int(v)} per call"
+            elif m == "magcache":
+                cfg, label = {"method": m, **mag, "threshold": v, "max_skip_steps": 4, **SELECTIVE_EXACT}, \
+                    f"thr={v:g} K=4"
+            else:
+                cfg, label = {"method": m, "threshold": v, **SELECTIVE_EXACT}, f"thr={v:g}"
+            cases.append(BenchCase(m, label, cfg, "sweep", m))
+    if sweep != "none" and "taylorseer" in methods:   # labelled extra: the per-chunk counter
+        cases.append(BenchCase("taylorseer", "interval=2 per chunk (extra, not the original)",
+                               {"method": "taylorseer", "interval": 2, "granularity": "chunk", **SELECTIVE_EXACT},
+                               "sweep", "taylorseer per chunk"))
     # 3. ablations
     if "none" in methods:
         cases.append(BenchCase("none", "selective computation alone (exact + kv_cache_finished)",
                                {"method": "none", **SELECTIVE_EXACT}, "ablation", "selective only"))
-    if "scope" in methods:
-        ref = scope_config(ABLATION_SCALE)
-        cases.append(BenchCase("scope", f"x{ABLATION_SCALE:g} without Predict (tau_predict = nextafter(tau_cache))",
-                               no_predict(ref), "ablation", "scope ablations"))
-        cases.append(BenchCase("scope", f"x{ABLATION_SCALE:g} without Cache (tau_cache = 0)", no_cache(ref),
-                               "ablation", "scope ablations"))
-    if "none" in methods and sweep != "none":
-        cases.append(BenchCase("none", "reference again (timing control)", None, "control", "control"))
+    if "scope" in methods and sweep != "none":
+        ref = scope_config()
+        for label, cfg in (("without Predict (tau_predict = 0)", no_predict(ref)),
+                           ("without Cache (tau_cache = 0)", no_cache(ref)),
+                           ("paper order: Cache tested before Predict", {**ref, "prefer": "cache"}),
+                           ("per-chunk indicator (granularity chunk)", {**ref, "granularity": "chunk"})):
+            cases.append(BenchCase("scope", label, cfg, "ablation", "scope ablations"))
     return cases
+
+
+def measure_mag_ratios(bundle: Any, prompt: str, frames: int, seed: int = 0,
+                       **overrides: Any) -> tuple[dict[str, list[float]], int]:
+    """MagCache's calibration step: one full-compute generation that records the magnitude
+    ratio of consecutive residuals per CFG branch and chunk step; returns ({branch: [ratio per
+    step]}, num_steps)."""
+    from pipelines.procedural.bundle import generate_video
+    from pipelines.skyreels_v2.accel_adapter import WanStackAdapter
+    from scope.baselines import mag_ratio_table
+    from scope.config import make_config
+    from scope.hooks import apply_accel, remove_accel
+    from scope.stats import merge_stats
+
+    model = bundle.transformer
+    remove_accel(model)
+    accel = apply_accel(model, make_config("magcache", calibrate=True, **SELECTIVE_EXACT), WanStackAdapter())
+    try:
+        _, _, info = generate_video(bundle, prompt, frames, seed, accel=accel, **overrides)
+    finally:
+        remove_accel(model)
+    merged = merge_stats(prompt, [s.accel_stats for s in info["result"].segments if s.accel_stats is not None])
+    steps = bundle.schedule_args(**overrides).num_steps
+    return mag_ratio_table(merged.mag_ratios, steps), steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -664,11 +681,20 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     from pipelines.procedural.bundle import load_bundle
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    cases = bench_cases(methods, args.sweep)
+    bench_cases(methods, args.sweep, mag_ratios={"cond": [1.0]})   # names and sweep checked before loading
     bundle = load_bundle(args.model)
     # every caption is checked before the first generation
     prompts = bench_prompts(bundle, getattr(args, "prompts_file", None), getattr(args, "prompts", None))
     threads = getattr(args, "threads", None) or 2
+    torch.set_num_threads(threads)
+    mag_ratios, num_steps = None, None
+    if "magcache" in methods:   # MagCache's own calibration step, on a training caption
+        from jobs.calibrate import calibration_prompts
+
+        mag_ratios, num_steps = measure_mag_ratios(bundle, calibration_prompts(1)[0], args.frames, args.seed,
+                                                   **sampling_overrides(args))
+        print(f"magcache: ratios measured on {calibration_prompts(1)[0]!r} ({num_steps} steps)", flush=True)
+    cases = bench_cases(methods, args.sweep, mag_ratios=mag_ratios, num_steps=num_steps)
     rounds = getattr(args, "rounds", None) or 2
     print(f"scope bench: {len(cases) + 1} cases x {len(prompts)} prompts x {args.frames} frames, "
           f"{rounds} rounds, {threads} threads, model {bundle.path}", flush=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-ACCEL_METHODS = ["none", "scope", "teacache", "flowcache", "taylorseer", "fbcache"]
+ACCEL_METHODS = ["none", "scope", "teacache", "flowcache", "taylorseer", "fbcache", "magcache"]
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -69,14 +69,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="find the fastest SCOPE thresholds that keep a target PSNR")
+    p = sub.add_parser("calibrate", help="find the cheapest SCOPE configuration that keeps a target PSNR")
     p.add_argument("--model", default=None)
-    p.add_argument("--target-psnr", type=float, default=30.0)
+    p.add_argument("--target-psnr", type=float, default=31.0, help="mean PSNR over the prompts (dB)")
+    p.add_argument("--target-min-psnr", type=float, default=29.0, help="minimum PSNR over the prompts (dB)")
+    p.add_argument("--rounds", type=int, default=2, help="coordinate-descent rounds over the knobs")
     p.add_argument("--prompts", type=int, default=3)
-    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--frames", type=int, default=48)
     p.add_argument("--out", default="accel.json", help="config JSON for `scope generate --accel-config`")
     p.add_argument("--seed", type=int, default=0, help="seed of the first calibration prompt (+1 per prompt)")
-    p.add_argument("--ratios", default="2,4", help="tau_predict / tau_cache ratios to scan (comma-separated)")
     p.add_argument("--families", default=None,
                    help="base configurations to search, comma-separated: exact, stale-kv (block-causal "
                         "models); default all")

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-ACCEL_METHODS = ("none", "scope", "teacache", "flowcache", "taylorseer", "fbcache")
+ACCEL_METHODS = ("none", "scope", "teacache", "flowcache", "taylorseer", "fbcache", "magcache")
 # Wan VAE: 4x temporal, 8x spatial compression; the preview of a latent is upsampled back
 WAN_TEMPORAL, WAN_SPATIAL = 4, 8
 
@@ -102,32 +103,65 @@ class GenerateResult:
 
 # ------------------------------------------------------------------------------------ accel
 
-def build_accel_config(spec: GenerateSpec, causal: bool = False):
-    """The accelerator config: `--accel-config` file (its method must agree with `--accel`
-    unless `--accel` was left at none), else the method's defaults. On a block-causal model the
-    defaults add exact selective computation (drop chunks that cannot influence the active ones,
-    serve finished chunks' K/V): outputs stay equal to full compute (tested), so it is always on;
-    First-Block cache cannot serve K/V and keeps the plain defaults."""
+@dataclass
+class ResolvedAccel:
+    """The accelerator config a run uses, where it came from, and how its calibration schedule
+    differs from this run's (empty = calibrated for this schedule, or not calibrated)."""
+
+    config: Any
+    source: str
+    mismatch: list[str]
+
+
+def build_accel_config(spec: GenerateSpec, causal: bool = False, args: Any = None,
+                       model_folder: str | None = None) -> ResolvedAccel:
+    """The accelerator config, resolved once before sampling:
+    1. `--accel-config FILE` (its method must agree with `--accel` unless `--accel` is none);
+    2. else, for the embedded / a procedural model, the calibrated config its weights folder
+       ships for `--accel` (`weights/accel/<method>.json`: `--accel scope` really accelerates);
+    3. else the method's defaults, plus exact selective computation on a block-causal model
+       (drop chunks that cannot influence the active ones, serve finished chunks' K/V: outputs
+       stay equal to full compute, tested).
+    MagCache takes the schedule's step count (its ratio table is resampled to it)."""
     from scope.config import load_config, make_config
 
-    if spec.accel_config is None:
-        if causal and spec.accel != "fbcache":
-            return make_config(spec.accel, selective="exact", kv_cache_finished=True)
-        return make_config(spec.accel)
-    config = load_config(spec.accel_config)
-    if spec.accel not in ("none", config.method):
-        raise ValueError(f"--accel {spec.accel} disagrees with --accel-config {spec.accel_config} "
-                         f"(method {config.method!r}); drop one of them")
-    return config
+    if spec.accel_config is not None:
+        config, source = load_config(spec.accel_config), spec.accel_config
+        if spec.accel not in ("none", config.method):
+            raise ValueError(f"--accel {spec.accel} disagrees with --accel-config {spec.accel_config} "
+                             f"(method {config.method!r}); drop one of them")
+    else:
+        config, source = _shipped_config(spec.accel, model_folder), "shipped"
+        if config is None:
+            extra = {"selective": "exact", "kv_cache_finished": True} if causal and spec.accel != "none" else {}
+            config, source = make_config(spec.accel, **extra), "defaults"
+    if config.method == "magcache" and args is not None:
+        config = config.replace(num_steps=args.num_steps)
+    mismatch = config.schedule_mismatch(_schedule_of(args, spec.frames)) if args is not None else []
+    return ResolvedAccel(config, source, mismatch)
 
 
-def attach_accel(model: torch.nn.Module, spec: GenerateSpec, causal: bool = False):
+def _shipped_config(method: str, folder: str | None) -> Any:
+    if method == "none" or folder is None:
+        return None
+    from pipelines.procedural.bundle import default_accel_config
+
+    return default_accel_config(method, folder)
+
+
+def _schedule_of(args: Any, frames: int) -> dict[str, Any]:
+    return {"num_steps": args.num_steps, "shift": float(args.shift), "ar_step": args.ar_step,
+            "guidance_scale": float(args.guidance_scale), "causal_block_size": args.causal_block_size,
+            "base_num_frames": args.base_num_frames, "overlap_frames": args.overlap_frames, "frames": frames}
+
+
+def attach_accel(model: torch.nn.Module, config: Any):
     """Apply the accelerator hooks to a Wan DF transformer (always, so stats are counted)."""
     from pipelines.skyreels_v2.accel_adapter import WanStackAdapter
     from scope.hooks import apply_accel, remove_accel
 
     remove_accel(model)
-    return apply_accel(model, build_accel_config(spec, causal), WanStackAdapter())
+    return apply_accel(model, config, WanStackAdapter())
 
 
 def summarize(spec: GenerateSpec, segments: list, wall_s: float, frames: int,
@@ -142,7 +176,7 @@ def summarize(spec: GenerateSpec, segments: list, wall_s: float, frames: int,
     return {
         "frames": frames, "wall_s": wall_s, "block_evals": merged.block_evals,
         "block_evals_full": merged.block_evals_full, "block_eval_fraction": merged.compute_fraction,
-        "modes": merged.modes.to_dict(), "accel": spec.accel, "seed": spec.seed,
+        "modes": merged.modes.to_dict(), "seed": spec.seed,
         "prompt": spec.prompt, "model": spec.model or "procedural (embedded)",
         "segments": len(segments), "model_calls": sum(s.model_calls for s in segments),
         "rows": sum(s.rows for s in segments), "accel_stats": stats, **extra,
@@ -292,11 +326,11 @@ def prepare_skyreels(spec: GenerateSpec) -> PreparedVideo:
                          {"decode": "latent preview (no VAE yet)"})
 
 
-def sample_local(spec: GenerateSpec, job: PreparedVideo) -> tuple[Any, float]:
+def sample_local(spec: GenerateSpec, job: PreparedVideo, accel_config: Any) -> tuple[Any, float]:
     """The DF pipeline in this process, accelerator hooks attached from outside."""
     from pipelines.skyreels_v2.pipeline import DFPipeline
 
-    accel = attach_accel(job.model, spec, job.args.causal_attention)
+    accel = attach_accel(job.model, accel_config)
     bar, progress = _progress_bar(spec, "denoising")
     started = time.perf_counter()
     try:
@@ -310,7 +344,7 @@ def sample_local(spec: GenerateSpec, job: PreparedVideo) -> tuple[Any, float]:
     return result, time.perf_counter() - started
 
 
-def sample_ray(spec: GenerateSpec, job: PreparedVideo) -> tuple[Any, float]:
+def sample_ray(spec: GenerateSpec, job: PreparedVideo, accel_config: Any) -> tuple[Any, float]:
     """The same sampling on a Ray cluster ($RAY_ADDRESS, or a local one): `--stages` pipeline
     stages per replica, `--replicas` replicas."""
     from cluster.api import generate_on_ray
@@ -318,7 +352,7 @@ def sample_ray(spec: GenerateSpec, job: PreparedVideo) -> tuple[Any, float]:
     started = time.perf_counter()
     result = generate_on_ray(job.source, job.noise, job.context, job.negative, job.args,
                              stages=spec.stages, replicas=spec.replicas,
-                             accel=build_accel_config(spec, job.args.causal_attention), prefix_latents=job.prefix,
+                             accel=accel_config, prefix_latents=job.prefix,
                              addnoise_eps=torch.Generator().manual_seed(job.addnoise_seed),
                              request_id=f"generate-{spec.seed}", seed=spec.seed)
     return result, time.perf_counter() - started
@@ -328,14 +362,23 @@ def sample_ray(spec: GenerateSpec, job: PreparedVideo) -> tuple[Any, float]:
 
 def generate(spec: GenerateSpec) -> GenerateResult:
     """Prepare (model, text, noise, schedule), sample locally or on Ray, decode, summarize."""
-    job = prepare_procedural(spec) if _is_procedural(spec.model) else prepare_skyreels(spec)
-    result, wall = (sample_ray if spec.backend == "ray" else sample_local)(spec, job)
+    procedural = _is_procedural(spec.model)
+    job = prepare_procedural(spec) if procedural else prepare_skyreels(spec)
+    accel = build_accel_config(spec, job.args.causal_attention, job.args, job.source if procedural else None)
+    for line in accel.mismatch[:1]:
+        print(f"scope generate: the accel config ({accel.source}) was calibrated for another schedule "
+              f"({'; '.join(accel.mismatch)}): its speed and quality were not measured for this one",
+              file=sys.stderr)
+    result, wall = (sample_ray if spec.backend == "ray" else sample_local)(spec, job, accel.config)
     frames = job.decode(result.latents)
     stats = summarize(spec, result.segments, wall, int(frames.shape[0]),
                       {"schedule": asdict(job.args), "backend": spec.backend, "stages": spec.stages,
                        "replicas": spec.replicas, **job.extra})
     stats["fps"] = job.fps
-    stats["accel_config"] = build_accel_config(spec, job.args.causal_attention).to_dict()
+    stats["accel"] = accel.config.method          # the method applied, whichever flag chose it
+    stats["accel_config"] = accel.config.to_dict()
+    stats["accel_config_source"] = accel.source
+    stats["accel_schedule_mismatch"] = accel.mismatch
     skip = 0 if job.prefix is None else job.prefix.shape[1]
     return GenerateResult(frames, result.latents[:, skip:skip + spec.frames] if _is_procedural(spec.model)
                           else result.latents, stats)

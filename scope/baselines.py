@@ -22,9 +22,9 @@ import math
 from scope.config import (AccelConfig, FBCacheConfig, FlowCacheConfig, MagCacheConfig, NoneConfig,
                           ScopeConfig, TaylorSeerConfig, TeaCacheConfig, resolve_rescale)
 from scope.scheduler import (CACHE, PREDICT, RECOMPUTE, ChunkSignals, Decision, ErrorEstimator,
-                             Policy, ScopeScheduler, UnitState, l1_parts, no_estimate, poly_eval,
+                             Policy, ScopeScheduler, l1_parts, no_estimate, poly_eval,
                              rel_l1, skip_decision)
-from scope.state import CallContext
+from scope.state import CallContext, UnitState
 
 
 class NonePolicy(Policy):
@@ -264,7 +264,7 @@ class MagCachePolicy(Policy):
         table = ratios.get(branch) or ratios.get("cond") or next(iter(ratios.values()))
         steps = self.config.num_steps or len(table)
         if steps != len(table) and steps > 1:
-            step = round(step * (len(table) - 1) / (steps - 1))
+            step = int(step * (len(table) - 1) / (steps - 1) + 0.5)   # nearest, halves up
         return table[min(max(step, 0), len(table) - 1)]
 
     def propose(self, ctx: CallContext, signals: ChunkSignals,
@@ -278,7 +278,7 @@ class MagCachePolicy(Policy):
         reason = "below-threshold"
         for j in act:
             st = states[j]
-            ratio = st.ratio * self.gamma(ctx.branch, st.active_calls)
+            ratio = 1.0 if cfg.calibrate else st.ratio * self.gamma(ctx.branch, st.active_calls)
             err = st.acc + abs(1.0 - ratio)
             proposals[j] = Decision(CACHE, "below-threshold", coord=ctx.sigmas[j], indicator=err,
                                     acc=err, ratio=ratio)

@@ -288,9 +288,12 @@ class ScopeConfig(AccelConfig):
         of the window together), so chunks recompute together and skip together: under
         block-causal attention only a skipped *tail* of the active interval saves compute, and
         per-chunk indicators stagger (some chunk always wants to run, the ones before it run as
-        its context). Chunk-level controls (no history, final step, error estimate, horizon)
-        still force the prefix of the active interval up to that chunk. "chunk" = one indicator
-        per chunk (the paper's per-unit reading).
+        its context). "chunk" = one indicator per chunk (the paper's per-unit reading).
+    sync: (call granularity) a Recompute asked for by the indicator or a control (threshold,
+        max consecutive, horizon, error estimate, short history) recomputes every active chunk,
+        so the chunks stay in lockstep; only the hard per-chunk needs (warm-up, no history,
+        final step) recompute just the prefix of the active interval up to that chunk (under
+        block-causal attention the chunks before it run as its context anyway).
     indicator: what changes between calls: "input" (relative L1 change of the stack input
         tokens: content, per prompt), "probe" (the model's time modulation: timestep only),
         "probe+input", or "none" (only the controls and max_consecutive decide).
@@ -304,27 +307,29 @@ class ScopeConfig(AccelConfig):
         current horizon by (h / h_obs)^(order + 1): it bounds the predictor actually used;
         "embedded" = difference to the order +- 1 polynomial; "off".
     Thresholds are in the indicator's units: `scope calibrate` measures them per model and
-    schedule (the embedded model ships its calibrated config).
+    schedule (the embedded model ships its calibrated config). The defaults are that calibrated
+    point (procedural model, 30 steps, ar_step 2, 48 frames: BENCHMARKS.md), not universal.
     """
 
     method: ClassVar[str] = "scope"
 
-    tau_cache: float = 0.05
-    tau_predict: float = 0.15
+    tau_cache: float = 0.0
+    tau_predict: float = 0.3
     granularity: str = "call"
+    sync: bool = False
     indicator: str = "input"
     rescale: str | tuple[float, ...] | None = None
     probe_kind: str = "default"
-    coordinate: str = "sigma"
+    coordinate: str = "logsnr"
     order: int = 1
     prefer: str = "predict"
     warmup_steps: int = 1
     force_final_step: bool = True
-    max_consecutive: int = 4
+    max_consecutive: int = 3
     history: int | None = None
     horizon_rho: float = 4.0
     error_estimate: str = "observed"
-    eps_error: float = 0.25
+    eps_error: float = math.inf
     sigma_floor_scale: float = 0.5
     sigma_knee: float = 1.0
     residual_dtype: str = "float32"
@@ -335,6 +340,7 @@ class ScopeConfig(AccelConfig):
         _check_float(self, "tau_cache", 0.0, allow_inf=True, example=ex)
         _check_float(self, "tau_predict", 0.0, allow_inf=True, example=ex)
         _check_choice(self, "granularity", SCOPE_GRANULARITIES)
+        _check_bool(self, "sync")
         _check_choice(self, "indicator", SCOPE_INDICATORS)
         _normalise_rescale(self)
         if not isinstance(self.probe_kind, str) or not self.probe_kind:

@@ -19,7 +19,7 @@ from scope.config import AccelConfig
 from scope.extrapolation import embedded_error, newton_extrapolate, taylor_extrapolate
 from scope.planner import SelectivePlan
 from scope.scheduler import CACHE, PREDICT, RECOMPUTE, SKIP, Decision
-from scope.state import StateStore, UnitKey
+from scope.state import StateStore, UnitKey, UnitState
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -88,14 +88,10 @@ class ExecReport:
         return {j: (err, self.observed_span.get(j, 0.0)) for j, err in self.observed.items()}
 
 
-@dataclass
-class _History:
-    coords: list[float] = field(default_factory=list)
-    residuals: list[torch.Tensor] = field(default_factory=list)
-
-
 class StageExecutor:
-    """Executes plans on blocks [start, end) and owns that range's residuals and K/V."""
+    """Executes plans on blocks [start, end) and owns that range's unit states (`units`: one
+    `UnitState` per (request, branch, chunk) with the residual history and the K/V of this
+    range; the deciding accelerator's policy keeps its decision fields in the same objects)."""
 
     def __init__(self, config: AccelConfig, adapter: Any, start: int, end: int) -> None:
         if not 0 <= start < end:
@@ -107,8 +103,8 @@ class StageExecutor:
         self.measure_norm_ratio = bool(getattr(policy, "measure_norm_ratio", False))
         self.error_reference = policy.error_reference
         self.residual_dtype = config.residual_dtype
-        self.residuals: StateStore[_History] = StateStore(_History)
-        self.kv: StateStore[Any] = StateStore()
+        self.exact_kv = config.selective == "exact"
+        self.units: StateStore[UnitState] = StateStore(UnitState)
         self.last_report = ExecReport()
 
     # -- execute ---------------------------------------------------------------------------------
@@ -182,23 +178,25 @@ class StageExecutor:
             in_sub = self.adapter.select_frames(inputs, frames)
         served = []
         for j in sel.kv_served:
-            entry = self.kv.get(plan.unit(j))
-            if entry is None:
+            unit = self.units.get(plan.unit(j))
+            if unit is None or not unit.has_kv:
                 raise RuntimeError(f"plan serves K/V of chunk {plan.unit(j)} but blocks "
                                    f"[{self.start}, {self.end}) hold none")
-            served.append(entry)
+            served.append(unit.kv)
         capture = [torch.arange(pos[j] * fpc, (pos[j] + 1) * fpc, device=h.device) for j in sel.kv_capture]
         out_sub, captured = run_fn(h_sub, in_sub, self.start, self.end, served, capture)
         if len(captured) != len(capture):
             raise RuntimeError(f"run_stack_kv returned {len(captured)} K/V entries for "
                                f"{len(capture)} captured chunks")
         for j, entry in zip(sel.kv_capture, captured):
-            self.kv.set(plan.unit(j), entry)
+            unit = self.units.ensure(plan.unit(j))
+            unit.kv, unit.kv_offset, unit.kv_sigma = entry, plan.chunk_offset, plan.sigmas[j]
+            unit.kv_exact = self.exact_kv
         return out_sub, {j: out_sub[:, i * tpc:(i + 1) * tpc] for j, i in pos.items()}
 
     # -- residual history ------------------------------------------------------------------------
-    def _history(self, unit: UnitKey, j: int) -> _History:
-        hist = self.residuals.get(unit)
+    def _history(self, unit: UnitKey, j: int) -> UnitState:
+        hist = self.units.get(unit)
         if hist is None or not hist.residuals:
             raise RuntimeError(f"chunk {j} ({unit}) reuses a residual but blocks "
                                f"[{self.start}, {self.end}) have none: the plan and this "
@@ -214,7 +212,7 @@ class StageExecutor:
         dtype = h_in.dtype if self.residual_dtype == "input" else DTYPES[self.residual_dtype]
         r = (h_out.to(torch.promote_types(h_out.dtype, torch.float32)) - h_in.to(
             torch.promote_types(h_in.dtype, torch.float32)))
-        hist = self.residuals.ensure(unit)
+        hist = self.units.ensure(unit)
         err: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
         if hist.residuals and (not hist.coords or hist.coords[-1] != coord):
             guess = self._predict(hist, coord, strict=False)
@@ -233,7 +231,7 @@ class StageExecutor:
         del hist.residuals[: -self.history]
         return err
 
-    def _predict(self, hist: _History, coord: float, strict: bool = True) -> torch.Tensor | None:
+    def _predict(self, hist: UnitState, coord: float, strict: bool = True) -> torch.Tensor | None:
         n = len(hist.residuals)
         if self.extrapolator == "taylor":
             return taylor_extrapolate(hist.coords, hist.residuals, coord, min(self.order, n - 1))
@@ -251,34 +249,50 @@ class StageExecutor:
 
     def estimate(self, unit: UnitKey, coord: float) -> float | None:
         """Embedded error estimate of a Predict at `coord` (None when it cannot be formed)."""
-        hist = self.residuals.get(unit)
+        hist = self.units.get(unit)
         if hist is None or self.extrapolator != "newton":
             return None
         if len(hist.residuals) < self.order + 1:
             return None
         return embedded_error(hist.coords, hist.residuals, coord, self.order, self.error_reference)
 
+    # -- K/V readiness (asked by the deciding accelerator) -----------------------------------------
+    def kv_ready(self, unit: UnitKey, offset: int, sigma: float | None = None, exact: bool = False) -> bool:
+        """This range holds K/V of the unit captured at this window offset (and, when given, at
+        this noise level / with exact context)."""
+        st = self.units.get(unit)
+        if st is None or not st.has_kv or st.kv_offset != offset:
+            return False
+        return sigma is None or (st.kv_sigma == sigma and (st.kv_exact or not exact))
+
     # -- lifecycle -------------------------------------------------------------------------------
     def _apply_releases(self, plan: CallPlan) -> None:
         if plan.released:
-            self.residuals.drop_chunks(plan.request, plan.released, plan.branch)
+            self.clear_history(plan.request, plan.released, plan.branch)
         if plan.released_kv:
-            self.kv.drop_chunks(plan.request, plan.released_kv, plan.branch)
+            self.clear_kv(plan.request, plan.released_kv, plan.branch)
+
+    def clear_history(self, request: str, chunks: Sequence[int], branch: str | None = None) -> None:
+        """Forget decisions and residuals of these chunks; their K/V stays."""
+        self.units.edit_chunks(request, chunks, UnitState.clear_history, branch)
+
+    def clear_kv(self, request: str, chunks: Sequence[int], branch: str | None = None) -> None:
+        self.units.edit_chunks(request, chunks, UnitState.clear_kv, branch)
 
     def release(self, request: str, chunks: Sequence[int], branch: str | None = None,
                 kv: bool = True) -> None:
-        self.residuals.drop_chunks(request, chunks, branch)
         if kv:
-            self.kv.drop_chunks(request, chunks, branch)
+            self.units.drop_chunks(request, chunks, branch)
+        else:
+            self.clear_history(request, chunks, branch)
 
     def end_request(self, request: str) -> None:
-        self.residuals.drop_request(request)
-        self.kv.drop_request(request)
+        self.units.drop_request(request)
 
     def memory_bytes(self) -> int:
-        """Bytes held in residual history and K/V by this executor."""
-        total = sum(_tensor_bytes(hist.residuals) for _, hist in self.residuals.items())
-        return total + sum(_tensor_bytes(entry) for _, entry in self.kv.items())
+        """Bytes held for all requests: residual history, K/V, indicator inputs."""
+        return sum(_tensor_bytes([st.residuals, st.kv, st.prev_signal, st.prev_input])
+                   for _, st in self.units.items())
 
 
 def _tensor_bytes(obj: Any) -> int:

@@ -26,8 +26,9 @@ from scope.scheduler import PREDICT, RECOMPUTE, SKIP, ChunkSignals, Decision
 from scope.state import CallContext, StateStore
 from scope.stats import RequestStats
 
-__all__ = ["ACCEL_HOOK", "Accelerator", "CallContext", "CallPlan", "HookRegistry", "StackAdapter",
-           "StageExecutor", "apply_accel", "call_original", "make_run_fn", "remove_accel"]
+__all__ = ["ACCEL_HOOK", "Accelerator", "CallContext", "CallPlan", "FirstBlockAccelerator", "HookRegistry",
+           "StackAdapter", "StageExecutor", "apply_accel", "call_original", "make_accelerator", "make_run_fn",
+           "remove_accel"]
 
 ACCEL_HOOK = "scope.accel"
 _REGISTRIES_ATTR = "_scope_hook_registries"
@@ -171,13 +172,6 @@ def call_original(model: Any, method: str, *args: Any, **kwargs: Any) -> Any:
 # 3. Accelerator: decide (plan) + execute, stats, lifecycle
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _KVEntry:
-    offset: int     # window offset at capture (positions are baked into K/V)
-    sigma: float    # chunk noise level at capture
-    exact: bool     # captured with exact context (selective "exact")
-
-
 class Accelerator:
     """One method's policy, planner and executor for one model (or one pipeline replica).
 
@@ -192,20 +186,19 @@ class Accelerator:
                             f"{type(config).__name__}")
         self.config, self.adapter, self.num_blocks = config, adapter, int(num_blocks)
         self.policy = make_policy(config)
-        start, end = block_range if block_range is not None else (0, self.num_blocks)
-        if config.needs_whole_stack:
-            if self.num_blocks < 2 or (start, end) != (0, self.num_blocks):
-                raise ValueError(f"{config.method} needs the whole stack in one process and >= 2 blocks")
-            start = 1
+        start, end = self._executed_range(block_range)
         self.executor = StageExecutor(config, adapter, start, end)
-        self._head = _HeadExecutor(config, adapter) if self.policy.needs_first_block else None
-        self._plan_blocks = self.num_blocks - (1 if self.policy.needs_first_block else 0)
+        # one state object per unit: the policy decides on the executor's unit states
+        self.policy.bind(self.executor.units)
+        self._plan_blocks = end - start if block_range is None else self.num_blocks
         self._stats: dict[str, RequestStats] = {}
-        self._kv_ledger: StateStore[_KVEntry] = StateStore()
-        self._head_kv: StateStore[_KVEntry] = StateStore()   # FBCache block 0's K/V ledger
         self._ctx: CallContext | None = None
         self._stack_calls = 0
         self._busy = False
+
+    def _executed_range(self, block_range: tuple[int, int] | None) -> tuple[int, int]:
+        """Blocks the executor runs (a subclass may keep some for itself)."""
+        return block_range if block_range is not None else (0, self.num_blocks)
 
     # -- call scoping ----------------------------------------------------------------------------
     @contextmanager
@@ -235,14 +228,16 @@ class Accelerator:
                                "twice inside one context")
         self._busy = True
         try:
-            if self.policy.needs_first_block:
-                return self._run_first_block(ctx, h, inputs, run_fn)
-            plan = self.plan(ctx, probe=self.probe(inputs, h), h=h)
-            out = self.executor.execute(plan, h, inputs, run_fn)
-            self.record_report(plan, self.executor.last_report)
-            return out
+            return self._run(ctx, h, inputs, run_fn)
         finally:
             self._busy = False
+
+    def _run(self, ctx: CallContext, h: torch.Tensor, inputs: Any, run_fn: RunFn) -> torch.Tensor:
+        """Decide, execute, record."""
+        plan = self.plan(ctx, probe=self.probe(inputs, h), h=h)
+        out = self.executor.execute(plan, h, inputs, run_fn)
+        self.record_report(plan, self.executor.last_report)
+        return out
 
     def probe(self, inputs: Any, h: torch.Tensor) -> torch.Tensor | None:
         """The indicator source `plan` needs from the adapter (None if the policy needs none)."""
@@ -252,39 +247,6 @@ class Accelerator:
         if kind == "default":
             return self.adapter.probe(inputs, h)
         return self.adapter.probe(inputs, h, kind=kind)
-
-    def _run_first_block(self, ctx: CallContext, h: torch.Tensor, inputs: Any,
-                         run_fn: RunFn) -> torch.Tensor:
-        """FBCache: block 0 on every active chunk (plus context; finished chunks served from
-        block 0's own K/V when `kv_cache_finished`), decide, then blocks 1..L-1."""
-        cfg = self.config
-        # chunks behind the window leave block 0's K/V too (memory bounded by the window)
-        behind = [k.chunk for k in self._head_kv.keys(ctx.request, ctx.branch) if k.chunk < ctx.chunk_offset]
-        self._head_kv.drop_chunks(ctx.request, behind, ctx.branch)
-        self._head.release(ctx.request, behind, ctx.branch)
-        ready = []
-        for j in range(ctx.num_chunks):
-            e = self._head_kv.get(ctx.unit(j))
-            ready.append(e is not None and e.offset == ctx.chunk_offset and e.sigma == ctx.sigmas[j])
-        head = plan_selective(ctx.active, ctx.active, causal=ctx.causal, mode=cfg.selective,
-                              context_chunks=cfg.context_chunks, kv_cache_finished=cfg.kv_cache_finished,
-                              kv_finished_ready=ready)
-        h1 = h
-        if head.run:
-            head_plan = CallPlan(ctx.request, ctx.branch, ctx.step, ctx.chunk_offset,
-                                 ctx.frames_per_chunk, ctx.sigmas,
-                                 tuple(_run_decision(ctx, j, head.run) for j in range(ctx.num_chunks)),
-                                 head)
-            h1 = self._head.execute(head_plan, h, inputs, run_fn)
-            for j in head.kv_capture:
-                self._head_kv.set(ctx.unit(j), _KVEntry(ctx.chunk_offset, ctx.sigmas[j], True))
-        plan = self.plan(ctx, probe=h1 - h, h=h)
-        self._stats_for(ctx.request).block_evals += len(head.run)
-        self._stats_for(ctx.request).context_block_evals += len(
-            [j for j in head.run if not ctx.active[j]])
-        out = self.executor.execute(plan, h1, inputs, run_fn)
-        self.record_report(plan, self.executor.last_report)
-        return out
 
     def plan(self, ctx: CallContext, probe: torch.Tensor | None = None,
              h: torch.Tensor | None = None) -> CallPlan:
@@ -320,41 +282,37 @@ class Accelerator:
                 if ctx.active[j] and decisions[j].mode != RECOMPUTE:
                     decisions[j] = decisions[j].upgraded("in-run")
         self.policy.commit(ctx, decisions, signals)
-        for j in sel.kv_capture:
-            self._kv_ledger.set(ctx.unit(j), _KVEntry(ctx.chunk_offset, ctx.sigmas[j],
-                                                      cfg.selective == "exact"))
         plan = CallPlan(ctx.request, ctx.branch, ctx.step, ctx.chunk_offset, ctx.frames_per_chunk,
                         ctx.sigmas, tuple(decisions), sel, released, released_kv)
         self._record_plan(ctx, plan)
         return plan
 
-    # -- K/V bookkeeping (decision side mirror of what executors captured) -------------------------
+    # -- K/V readiness and automatic release (read off the executor's unit states) ----------------
     def _kv_ready(self, ctx: CallContext) -> tuple[list[bool], list[bool]]:
-        fin, stale = [], []
-        exact_needed = self.config.selective == "exact"
-        for j in range(ctx.num_chunks):
-            e = self._kv_ledger.get(ctx.unit(j))
-            ok = e is not None and e.offset == ctx.chunk_offset
-            stale.append(ok)
-            fin.append(ok and e.sigma == ctx.sigmas[j] and (e.exact or not exact_needed))
+        exact = self.config.selective == "exact"
+        units = [ctx.unit(j) for j in range(ctx.num_chunks)]
+        stale = [self.executor.kv_ready(u, ctx.chunk_offset) for u in units]
+        fin = [self.executor.kv_ready(u, ctx.chunk_offset, ctx.sigmas[j], exact) for j, u in enumerate(units)]
         return fin, stale
 
     def _auto_release(self, ctx: CallContext) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Drop state of chunks that left the window, and residual state of finished chunks."""
         req, br, off = ctx.request, ctx.branch, ctx.chunk_offset
+        units = self.executor.units
         classes = classify_chunks(ctx.active)
         finished = {off + j for j, c in enumerate(classes) if c == FINISHED}
-        unit_chunks = {k.chunk for k in self.policy.units.keys(req, br) if k.chunk >= 0}
+        keys = [k for k in units.keys(req, br) if k.chunk >= 0]
+        unit_chunks = {k.chunk for k in keys if not _kv_only(units.get(k))}
         release = {c for c in unit_chunks if c < off}
         if self.policy.granularity == "chunk":
             release |= unit_chunks & finished
         # a unit's noise level never rises; if it does, the chunk holds new content (e.g. the next
         # segment reusing window positions): its old state is stale
         for j in range(ctx.num_chunks):
-            st = self.policy.units.get(ctx.unit(j)) if ctx.active[j] else None
+            st = units.get(ctx.unit(j)) if ctx.active[j] else None
             if st is not None and st.last_sigma is not None and ctx.sigmas[j] > st.last_sigma + 1e-6:
                 release.add(off + j)
-        kv_chunks = {k.chunk for k in self._kv_ledger.keys(req, br)}
+        kv_chunks = {k.chunk for k in keys if units.get(k).has_kv}
         release_kv = {c for c in kv_chunks if c < off} | (release & kv_chunks - finished)
         if not self.config.kv_cache_finished:
             release_kv |= kv_chunks & finished
@@ -362,11 +320,11 @@ class Accelerator:
             first = next((j for j, c in enumerate(classes) if c != FINISHED), None)
             if first is not None:
                 release_kv |= {c for c in kv_chunks & finished if c - off < first - self.config.context_chunks}
+        # this range's own states now; other stages follow `plan.released` / `released_kv`
         if release:
-            self.policy.release(req, sorted(release), br)
+            self.executor.clear_history(req, sorted(release), br)
         if release_kv:
-            self._kv_ledger.drop_chunks(req, release_kv, br)
-        # residual history lives only in executors; the policy's units mirror it
+            self.executor.clear_kv(req, sorted(release_kv), br)
         return tuple(sorted(release)), tuple(sorted(release_kv))
 
     # -- stats -------------------------------------------------------------------------------------
@@ -420,45 +378,84 @@ class Accelerator:
     # -- lifecycle ---------------------------------------------------------------------------------
     def release_chunks(self, request: str, chunks: list[int]) -> None:
         """Drop every state of these absolute chunks of a request (all branches)."""
-        self.policy.release(request, chunks)
         self.executor.release(request, chunks)
-        self._kv_ledger.drop_chunks(request, chunks)
-        self._head_kv.drop_chunks(request, chunks)
-        if self._head is not None:
-            self._head.release(request, chunks)
 
     def end_request(self, request: str) -> RequestStats:
         """Drop everything of a request and return its stats."""
-        self.policy.end_request(request)
         self.executor.end_request(request)
-        self._kv_ledger.drop_request(request)
-        self._head_kv.drop_request(request)
-        if self._head is not None:
-            self._head.end_request(request)
         stats = self._stats.pop(request, None)
         return stats if stats is not None else RequestStats(request=request, method=self.config.method,
                                                             num_blocks=self.num_blocks)
 
     def memory_bytes(self) -> int:
         """Bytes of tensors held for all requests (residuals, K/V, indicator inputs)."""
-        total = self.executor.memory_bytes()
-        for _, st in self.policy.units.items():
-            for t in (st.prev_signal, st.prev_input):
-                if t is not None:
-                    total += t.numel() * t.element_size()
-        return total
+        return self.executor.memory_bytes()
 
     def num_units(self, request: str | None = None) -> int:
-        """Units with decision-side state (for memory-bound checks)."""
-        return len(self.policy.units.keys(request))
+        """Units with decision-side state or history (K/V-only finished chunks not counted)."""
+        return sum(not _kv_only(st) for _, st in self.executor.units.items(request))
 
 
-class _HeadExecutor(StageExecutor):
-    """Block 0 for FBCache: runs the planned frames, keeps nothing."""
+class FirstBlockAccelerator(Accelerator):
+    """First-Block Cache as its own accelerator: block 0 runs on every active chunk (plus its
+    context; finished chunks served from block 0's own K/V), its residual is the policy's
+    signal, and the planned executor runs blocks 1..L-1 from block 0's output."""
 
-    def __init__(self, config: AccelConfig, adapter: Any) -> None:
-        super().__init__(config, adapter, 0, 1)
-        self.history = 0
+    def __init__(self, config: AccelConfig, adapter: Any, num_blocks: int,
+                 block_range: tuple[int, int] | None = None) -> None:
+        if int(num_blocks) < 2 or (block_range is not None and tuple(block_range) != (0, int(num_blocks))):
+            raise ValueError(f"{config.method} needs the whole stack in one process and >= 2 blocks")
+        super().__init__(config, adapter, num_blocks)
+        self.head = StageExecutor(config, adapter, 0, 1)   # block 0's own K/V, no residuals
+        self.head.history = 0
+
+    def _executed_range(self, block_range: tuple[int, int] | None) -> tuple[int, int]:
+        return 1, self.num_blocks
+
+    def _run(self, ctx: CallContext, h: torch.Tensor, inputs: Any, run_fn: RunFn) -> torch.Tensor:
+        cfg = self.config
+        behind = [k.chunk for k in self.head.units.keys(ctx.request, ctx.branch) if k.chunk < ctx.chunk_offset]
+        self.head.release(ctx.request, behind, ctx.branch)   # memory bounded by the window
+        ready = [self.head.kv_ready(ctx.unit(j), ctx.chunk_offset, ctx.sigmas[j]) for j in range(ctx.num_chunks)]
+        head = plan_selective(ctx.active, ctx.active, causal=ctx.causal, mode=cfg.selective,
+                              context_chunks=cfg.context_chunks, kv_cache_finished=cfg.kv_cache_finished,
+                              kv_finished_ready=ready)
+        h1 = h
+        if head.run:
+            head_plan = CallPlan(ctx.request, ctx.branch, ctx.step, ctx.chunk_offset, ctx.frames_per_chunk,
+                                 ctx.sigmas, tuple(_run_decision(ctx, j, head.run) for j in range(ctx.num_chunks)),
+                                 head)
+            h1 = self.head.execute(head_plan, h, inputs, run_fn)
+        plan = self.plan(ctx, probe=h1 - h, h=h)
+        stats = self._stats_for(ctx.request)
+        stats.block_evals += len(head.run)
+        stats.context_block_evals += len([j for j in head.run if not ctx.active[j]])
+        out = self.executor.execute(plan, h1, inputs, run_fn)
+        self.record_report(plan, self.executor.last_report)
+        return out
+
+    def release_chunks(self, request: str, chunks: list[int]) -> None:
+        super().release_chunks(request, chunks)
+        self.head.release(request, chunks)
+
+    def end_request(self, request: str) -> RequestStats:
+        self.head.end_request(request)
+        return super().end_request(request)
+
+    def memory_bytes(self) -> int:
+        return super().memory_bytes() + self.head.memory_bytes()
+
+
+def make_accelerator(config: AccelConfig, adapter: Any, num_blocks: int,
+                     block_range: tuple[int, int] | None = None) -> Accelerator:
+    """The accelerator class the method needs (FBCache decides from block 0's output)."""
+    cls = FirstBlockAccelerator if make_policy(config).needs_first_block else Accelerator
+    return cls(config, adapter, num_blocks, block_range)
+
+
+def _kv_only(st: Any) -> bool:
+    """A unit that holds nothing but K/V (a finished chunk)."""
+    return st is not None and st.has_kv and not st.coords and st.active_calls == 0
 
 
 def _run_decision(ctx: CallContext, j: int, run: tuple[int, ...]) -> Decision:
@@ -488,7 +485,7 @@ def apply_accel(model: Any, config: AccelConfig, adapter: Any) -> Accelerator:
         raise RuntimeError(f"acceleration is already applied ({registry.describe()}); "
                            f"call remove_accel(model) first")
     L = int(adapter.num_blocks(model))
-    accel = Accelerator(config, adapter, L)
+    accel = make_accelerator(config, adapter, L)
     run_fn = make_run_fn(model, adapter)
     block_range = getattr(adapter, "block_range", None)
 

@@ -17,10 +17,12 @@ from typing import Protocol
 import torch
 
 from scope.config import ScopeConfig, resolve_rescale
-from scope.state import CallContext, StateStore, UnitKey
+from scope.state import CallContext, StateStore, UnitKey, UnitState
 
 RECOMPUTE, CACHE, PREDICT, SKIP = "recompute", "cache", "predict", "skip"
 MODES = (RECOMPUTE, CACHE, PREDICT, SKIP)
+# per-chunk needs that say nothing about the other chunks (see ScopeConfig.sync)
+HARD_REASONS = ("warmup", "no-history", "final")
 
 
 @dataclass(frozen=True)
@@ -37,22 +39,6 @@ class Decision:
 
     def upgraded(self, reason: str) -> Decision:
         return dataclasses.replace(self, mode=RECOMPUTE, reason=reason, est_error=None)
-
-
-@dataclass
-class UnitState:
-    """Decision-side state of one unit (tensors here are indicator inputs only)."""
-
-    prev_signal: torch.Tensor | None = None   # indicator source at the previous active call
-    prev_input: torch.Tensor | None = None    # stack input at the previous active call
-    acc: float = 0.0                          # accumulated indicator since the last Recompute
-    active_calls: int = 0                     # calls at which the chunk was active
-    since_recompute: int = 0                  # consecutive non-Recompute active calls
-    coords: list[float] = field(default_factory=list)  # coordinates of kept residuals, oldest first
-    last_sigma: float | None = None           # noise level at the last active call
-    observed: float | None = None             # relative error of the would-be prediction, last check
-    observed_span: float = 0.0                # its horizon (coordinate distance to the newest point)
-    ratio: float = 1.0                        # MagCache: accumulated magnitude ratio since Recompute
 
 
 @dataclass
@@ -160,6 +146,13 @@ class Policy:
 
     def __init__(self) -> None:
         self.units: StateStore[UnitState] = StateStore(UnitState)
+        # a standalone policy keeps its own coordinates; bound to an executor's store, the
+        # executor writes the residual history (coordinates included) when it records it
+        self.records_history = True
+
+    def bind(self, units: StateStore[UnitState]) -> None:
+        """Decide on the unit states of an executor (one object per unit, no mirror)."""
+        self.units, self.records_history = units, False
 
     # -- decide ----------------------------------------------------------------------------------
     def propose(self, ctx: CallContext, signals: ChunkSignals,
@@ -184,7 +177,7 @@ class Policy:
         if d.mode == RECOMPUTE:
             st.acc, st.ratio = 0.0, 1.0
             st.since_recompute = 0
-            if self.history > 0:
+            if self.history > 0 and self.records_history:
                 if st.coords and st.coords[-1] == d.coord:
                     st.coords.pop()
                 st.coords.append(d.coord)
@@ -219,7 +212,8 @@ class Policy:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def release(self, request: str, chunks: Sequence[int], branch: str | None = None) -> None:
-        self.units.drop_chunks(request, chunks, branch)
+        """Forget the decision state and residual history of these chunks (K/V stays)."""
+        self.units.edit_chunks(request, chunks, UnitState.clear_history, branch)
 
     def end_request(self, request: str) -> None:
         self.units.drop_request(request)
@@ -326,7 +320,18 @@ class ScopeScheduler(Policy):
                 out.append(make(RECOMPUTE, "max-consecutive"))
             else:
                 out.append(self._reuse_or_recompute(unit, st, coord, acc, scale, estimate, make))
+        if cfg.granularity == "call" and cfg.sync:
+            out = self._in_lockstep(ctx, out)
         return out
+
+    @staticmethod
+    def _in_lockstep(ctx: CallContext, decisions: list[Decision]) -> list[Decision]:
+        """A soft Recompute anywhere recomputes every active chunk (reason "sync")."""
+        soft = any(d.mode == RECOMPUTE and d.reason not in HARD_REASONS for d in decisions)
+        if not soft:
+            return decisions
+        return [d.upgraded("sync") if ctx.active[j] and d.mode != RECOMPUTE else d
+                for j, d in enumerate(decisions)]
 
     # -- the two reuse bands ---------------------------------------------------------------------
     def _reuse_or_recompute(self, unit, st, coord, acc, scale, estimate, make) -> Decision:

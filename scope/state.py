@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import torch
 
@@ -23,6 +23,54 @@ class UnitKey(NamedTuple):
     request: str
     branch: str
     chunk: int
+
+
+@dataclass
+class UnitState:
+    """Everything kept for one unit on one block range, in one place.
+
+    The executor of a block range owns a `StateStore[UnitState]`; the policy of the accelerator
+    that decides reads and writes the decision fields of its executor's store (in-process that
+    is the one store; a pipeline stage 0 decides on its own range's store, or on a whole-stack
+    mirror when decisions need whole-stack residuals), so nothing is mirrored.
+    """
+
+    # decision side (written by the policy's commit)
+    prev_signal: torch.Tensor | None = None   # indicator source at the previous active call
+    prev_input: torch.Tensor | None = None    # stack input at the previous active call
+    acc: float = 0.0                          # accumulated indicator since the last Recompute
+    ratio: float = 1.0                        # MagCache: accumulated magnitude ratio since Recompute
+    active_calls: int = 0                     # calls at which the chunk was active
+    since_recompute: int = 0                  # consecutive non-Recompute active calls
+    last_sigma: float | None = None           # noise level at the last active call
+    observed: float | None = None             # relative error of the would-be prediction, last check
+    observed_span: float = 0.0                # its horizon (coordinate distance to the newest point)
+    # residual history of this block range (written by the executor at each Recompute)
+    coords: list[float] = field(default_factory=list)           # oldest first
+    residuals: list[torch.Tensor] = field(default_factory=list)
+    # K/V of this block range for this chunk (written by the executor when captured)
+    kv: Any = None
+    kv_offset: int = -1                       # window offset at capture (positions are baked in)
+    kv_sigma: float = -1.0                    # noise level at capture
+    kv_exact: bool = False                    # captured with exact context (selective "exact")
+
+    def clear_history(self) -> None:
+        """Forget decisions and residuals (a finished chunk keeps only its K/V)."""
+        kv = (self.kv, self.kv_offset, self.kv_sigma, self.kv_exact)
+        self.__init__()  # type: ignore[misc]
+        self.kv, self.kv_offset, self.kv_sigma, self.kv_exact = kv
+
+    def clear_kv(self) -> None:
+        self.kv, self.kv_offset, self.kv_sigma, self.kv_exact = None, -1, -1.0, False
+
+    @property
+    def has_kv(self) -> bool:
+        return self.kv is not None
+
+    @property
+    def empty(self) -> bool:
+        return self.kv is None and not self.coords and self.active_calls == 0 and self.prev_signal is None \
+            and self.prev_input is None
 
 
 class StateStore(Generic[T]):
@@ -74,6 +122,16 @@ class StateStore(Generic[T]):
 
     def drop_request(self, request: str) -> int:
         return len(self._by_request.pop(request, {}))
+
+    def edit_chunks(self, request: str, chunks: Iterable[int], edit: Callable[[T], None],
+                    branch: str | None = None) -> None:
+        """Apply `edit` to these chunks' states; states left `empty` are dropped."""
+        wanted = set(chunks)
+        for key in [k for k in self.keys(request, branch) if k.chunk in wanted]:
+            value = self.get(key)
+            edit(value)
+            if getattr(value, "empty", False):
+                self.pop(key)
 
     def requests(self) -> list[str]:
         return list(self._by_request)

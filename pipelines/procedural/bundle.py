@@ -81,6 +81,15 @@ class ProceduralBundle:
         return ScheduleArgs(**values)
 
 
+def default_accel_config(method: str, folder: str | Path | None = None) -> Any:
+    """The calibrated accelerator config a weights folder ships for `method`
+    (`<folder>/accel/<method>.json`, written by `scope calibrate`), or None when it ships none."""
+    from scope.config import load_config
+
+    path = (WEIGHTS_DIR if folder is None else Path(folder)) / "accel" / f"{method}.json"
+    return load_config(path) if path.is_file() else None
+
+
 def load_bundle(path: str | Path | None = None) -> ProceduralBundle:
     """Load a weights folder written by `train.py` (None = the shipped one); strict everywhere."""
     folder = WEIGHTS_DIR if path is None else Path(path)

@@ -6,6 +6,7 @@ drawn from a seed: each stage worker rebuilds exactly its part of the same weigh
 """
 from __future__ import annotations
 
+import math
 import os
 
 os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")  # before ray is imported
@@ -31,13 +32,21 @@ SPEC = ModelSpec("tiny", overrides=(("num_layers", 3),))
 ATOL = 1e-5
 # thresholds at which the tiny model takes every SCOPE path: Cache, Predict, the embedded error
 # estimate (which needs whole-stack residuals on stage 0), in-run upgrades
+# the paper's per-unit reading (one indicator per chunk from the time probe, Cache tested first,
+# order 2 in sigma, embedded error bound): stage 0 decides on a whole-stack mirror fed back by
+# the last stage
 SCOPE = {"method": "scope", "warmup_steps": 1, "tau_cache": 0.2, "tau_predict": 1.0, "order": 2,
-         "eps_error": 0.5}
+         "eps_error": 0.5, "granularity": "chunk", "indicator": "probe", "prefer": "cache",
+         "error_estimate": "embedded", "horizon_rho": 1.0, "coordinate": "sigma"}
 ACCELS = {
     "off": None,
     "none": {"method": "none"},
     "scope": SCOPE,
     "scope-exact-kv": {**SCOPE, "selective": "exact", "kv_cache_finished": True},
+    # the shipped structure (one decision per call, Predict first, no error bound): stage 0
+    # decides on its own range's unit states, no feedback, no mirror
+    "scope-own-shard": {"method": "scope", "coordinate": "sigma", "tau_predict": 1.0, "tau_cache": 1e9, "max_consecutive": 2,
+                        "selective": "exact", "kv_cache_finished": True},
 }
 PROCEDURAL_WEIGHTS = Path(__file__).resolve().parents[2] / "pipelines" / "procedural" / "weights"
 

@@ -28,7 +28,7 @@ from pipelines.procedural.data import caption_vocabulary, split_attributes
 from pipelines.procedural.text import TextEncoder
 from pipelines.skyreels_v2.model import WanDFTransformer
 from pipelines.skyreels_v2.sizes import config_for
-from scope.config import ScopeConfig, load_config
+from scope.config import AccelConfig, ScopeConfig, load_config
 
 FIELDS = {"method", "setting", "config", "speedup", "block_eval_fraction", "psnr_db", "psnr_db_min", "ssim",
           "content_accuracy", "content_accuracy_per_attribute", "overhead_floor_s", "speedup_limit"}
@@ -57,7 +57,7 @@ def bundle() -> ProceduralBundle:
 
 @pytest.fixture(scope="module")
 def rows(bundle):
-    cases = [BenchCase("scope", "x1", scope_config(1.0), "sweep", "scope"),
+    cases = [BenchCase("scope", "x1", scope_config(), "sweep", "scope"),
              BenchCase("none", "selective alone", {"method": "none", "selective": "exact",
                                                    "kv_cache_finished": True}, "ablation")]
     return run_bench_on(bundle, cases, [PROMPT], FRAMES, seed=0, threads=1, warmup=False, log=None)
@@ -72,7 +72,7 @@ def test_every_row_has_the_fields_and_the_settings_used(rows):
         assert set(r["content_accuracy_per_attribute"]) == {"colour", "shape", "motion"}
         assert 0.0 <= r["content_accuracy"] <= 1.0
         assert 0.0 < r["block_eval_fraction"] <= 1.0 and r["speedup"] > 0
-    assert rows[1]["config"]["tau_cache"] == pytest.approx(0.05)
+    assert rows[1]["config"] == scope_config()         # the config that ran is recorded whole
 
 
 def test_reference_is_none_run_first_with_speedup_one_and_capped_psnr(rows):
@@ -101,13 +101,24 @@ def test_json_is_a_list_of_objects_and_the_table_and_plot_are_written(rows, tmp_
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cases_include_sweeps_and_the_three_ablations():
-    cases = bench_cases(["none", "scope", "teacache", "flowcache", "taylorseer", "fbcache"])
+def test_cases_include_defaults_sweeps_and_the_ablations():
+    ratios = {"cond": [1.0, 0.99], "uncond": [1.0, 0.98]}
+    methods = ["none", "scope", "teacache", "flowcache", "taylorseer", "fbcache", "magcache"]
+    cases = bench_cases(methods, mag_ratios=ratios, num_steps=30)
     settings = [c.setting for c in cases]
     assert any("selective computation alone" in s for s in settings)
     assert any("without Predict" in s for s in settings) and any("without Cache" in s for s in settings)
-    for m in ("scope", "teacache", "flowcache", "taylorseer", "fbcache"):
-        assert sum(c.method == m and c.group == "sweep" for c in cases) >= 3, m
+    assert any("paper order" in s for s in settings) and any("per-chunk indicator" in s for s in settings)
+    for m in methods[1:]:
+        assert sum(c.method == m and c.group == "default" for c in cases) == 1, m
+        assert sum(c.method == m and c.group == "sweep" for c in cases) >= 1, m
+    # every baseline runs at least as strong as published: exact selective computation + finished K/V
+    assert all(c.config.get("kv_cache_finished") for c in cases if c.config and c.method != "none")
+    # TaylorSeer's default decides per model call, as its original
+    taylor = next(c for c in cases if c.method == "taylorseer" and c.group == "default")
+    assert AccelConfig.from_dict(taylor.config).granularity == "global"
+    with pytest.raises(ValueError, match="magcache needs mag_ratios"):
+        bench_cases(["magcache"])
     with pytest.raises(ValueError, match="unknown method") as err:
         bench_cases(["none", "warpcache"])
     # the valid names are scope.config.METHOD_CONFIGS', whatever methods it holds today
@@ -118,12 +129,11 @@ def test_cases_include_sweeps_and_the_three_ablations():
 def test_ablation_configs_disable_one_mode_and_stay_valid():
     from scope.config import AccelConfig
 
-    ref = scope_config(1.0)
+    ref = scope_config()
     off_cache = AccelConfig.from_dict(no_cache(ref))
     assert off_cache.tau_cache == 0.0          # acc >= 0, so `acc < 0` never caches
     off_predict = AccelConfig.from_dict(no_predict(ref))
-    # no float lies in [tau_cache, tau_predict): the Predict band is empty
-    assert math.nextafter(off_predict.tau_cache, math.inf) == off_predict.tau_predict
+    assert off_predict.tau_predict == 0.0      # `acc < 0` never predicts
 
 
 def test_calibration_uses_training_captions_not_held_out_ones():
@@ -132,12 +142,19 @@ def test_calibration_uses_training_captions_not_held_out_ones():
     assert len(set(prompts)) == 3 and not held & set(prompts)
 
 
-def test_calibrate_writes_a_config_that_load_config_accepts(bundle, tmp_path):
-    result = calibrate(bundle, [PROMPT], FRAMES, target_psnr=30.0, ratios=(2.0,), bisect_steps=1,
-                       threads=1, log=None)
+SMALL_SEARCH = {"tau_predict": [0.3, math.inf], "max_consecutive": [2, 4], "coordinate": ["sigma", "step"],
+                "order": [0, 1]}
+
+
+def test_calibrate_searches_every_knob_and_writes_a_config_that_load_config_accepts(bundle, tmp_path):
+    result = calibrate(bundle, [PROMPT], FRAMES, target_psnr=30.0, target_min_psnr=28.0, rounds=1,
+                       search=SMALL_SEARCH, threads=1, log=None)
     assert result.evaluations, "the search evaluated no point"
+    for knob, values in SMALL_SEARCH.items():   # every knob value was measured in some family
+        tried = {json.dumps(e.config[knob]) for e in result.evaluations}
+        assert {json.dumps(v) for v in values} <= tried, f"{knob}: tried only {tried}"
     if result.best is not None:
-        assert result.best.passed and result.best.psnr_min >= 30.0
+        assert result.best.passed and result.best.psnr_mean >= 30.0 and result.best.psnr_min >= 28.0
         assert all(e.block_eval_fraction >= result.best.block_eval_fraction - 1e-9
                    for e in result.evaluations if e.passed)
     write_config(result.config, tmp_path / "accel.json")
@@ -145,6 +162,14 @@ def test_calibrate_writes_a_config_that_load_config_accepts(bundle, tmp_path):
     assert isinstance(config, ScopeConfig)
     assert config.kv_cache_finished   # causal model: finished chunks served from K/V (exact)
     assert {e.family for e in result.evaluations} == {"exact", "stale-kv"}
+    # the schedule it was measured on travels with it, and a different one is named
+    assert config.calibrated_for["frames"] == FRAMES and config.calibrated_for["num_steps"] >= 1
+    assert config.schedule_mismatch({"num_steps": config.calibrated_for["num_steps"] + 1})
+
+
+def test_calibrate_refuses_an_unknown_knob(bundle):
+    with pytest.raises(ValueError, match="unknown SCOPE knob\\(s\\) \\['tau'\\]"):
+        calibrate(bundle, [PROMPT], FRAMES, search={"tau": [1.0]}, log=None)
 
 
 def test_calibration_families_can_be_chosen_by_name(bundle):
@@ -167,7 +192,8 @@ def test_cli_parsers_take_the_bench_and_calibrate_options():
     assert (args.prompts, args.prompts_file, args.rounds, args.no_floor) == (None, "p.txt", 3, True)
     assert build_parser().parse_args(["bench", "--repeats", "4"]).rounds == 4     # the old name
     args = build_parser().parse_args(["calibrate", "--target-psnr", "30", "--out", "accel.json"])
-    assert (args.target_psnr, args.out, args.ratios, args.families) == (30.0, "accel.json", "2,4", None)
+    assert (args.target_psnr, args.target_min_psnr, args.out, args.rounds, args.families) == (
+        30.0, 29.0, "accel.json", 2, None)
     args = build_parser().parse_args(["calibrate", "--families", "exact"])
     assert args.families == "exact"
 
@@ -194,11 +220,11 @@ def test_scope_bench_and_calibrate_commands_end_to_end(bundle, tmp_path, capsys)
                "--frames", str(FRAMES), "--threads", "1", "--json", str(tmp_path / "bench.json")])
     assert rc == 0
     rows = json.loads((tmp_path / "bench.json").read_text())
-    assert [r["setting"] for r in rows][:2] == ["full compute (reference)", "defaults"]
+    assert [r["setting"] for r in rows][:2] == ["full compute (reference)", "calibrated (shipped config)"]
     assert rows[0]["run"]["rounds"] == 2 and all(r["speedup_limit"] > 0 for r in rows)   # CLI defaults
     assert "speedup" in capsys.readouterr().out          # the table was printed
-    rc = main(["calibrate", "--model", str(weights), "--prompts", "1", "--frames", str(FRAMES), "--ratios", "2",
-               "--threads", "1", "--out", str(tmp_path / "accel.json"), "--report", str(tmp_path / "cal.json")])
+    rc = main(["calibrate", "--model", str(weights), "--prompts", "1", "--frames", str(FRAMES), "--rounds", "1",
+               "--families", "exact", "--target-psnr", "30", "--threads", "1", "--out", str(tmp_path / "accel.json"), "--report", str(tmp_path / "cal.json")])
     assert rc == 0
     assert isinstance(load_config(tmp_path / "accel.json"), ScopeConfig)
     # a bad caption in --prompts-file: one error line naming the file and line, no bench run
@@ -267,7 +293,7 @@ def test_prompt_choice_swaps_in_the_missing_kind_deterministically():
 # interleaved timing rounds
 # ---------------------------------------------------------------------------------------------
 
-TWO_CASES = [BenchCase("scope", "x1", scope_config(1.0), "sweep", "scope"),
+TWO_CASES = [BenchCase("scope", "x1", scope_config(), "sweep", "scope"),
              BenchCase("taylorseer", "interval=2", {"method": "taylorseer", "interval": 2}, "sweep")]
 
 

@@ -8,7 +8,8 @@ from scope.config import (FBCacheConfig, FlowCacheConfig, NoneConfig, TaylorSeer
                           TeaCacheConfig, make_config)
 from scope.hooks import apply_accel
 from scope.scheduler import CACHE, PREDICT, RECOMPUTE, ChunkSignals
-from tests.unit.scope_toy import (DTYPE, ToyAdapter, ToyModel, make_ctx, make_hidden, make_inputs)
+from tests.unit.scope_toy import (DTYPE, ToyAdapter, ToyModel, chunk_tokens, make_ctx, make_hidden,
+                                  make_inputs)
 
 EXACT = dict(rtol=1e-12, atol=1e-12)
 GEOMETRIC = [0.9 ** k for k in range(6)]     # every call changes sigma by 10 %: indicator 0.1
@@ -134,6 +135,92 @@ def test_fbcache_threshold_on_the_first_block_residual():
 def test_make_policy_maps_every_config():
     for method in ("none", "scope", "teacache", "flowcache", "taylorseer", "fbcache"):
         assert make_policy(make_config(method)).name == method
+    assert make_policy(make_config("magcache", calibrate=True)).name == "magcache"
     assert isinstance(make_policy(NoneConfig()), object)
     with pytest.raises(ValueError, match="no policy for config type"):
         make_policy(object())
+
+
+# ---------------------------------------------------------------------------------------------
+# faithful defaults: TaylorSeer per call, FBCache with finished K/V, MagCache
+# ---------------------------------------------------------------------------------------------
+
+def test_taylorseer_decides_once_per_model_call_by_default():
+    """Its original counts model calls: chunks at different phases of an asynchronous schedule
+    refresh together (the per-chunk counter staggers them and stays as a labelled extra)."""
+    assert TaylorSeerConfig().granularity == "global"
+    rows = [[0.9, 1.0], [0.8, 0.9], [0.7, 0.8], [0.6, 0.7], [0.5, 0.6], [0.4, 0.5]]
+    got = drive(TaylorSeerPolicy(TaylorSeerConfig(interval=2)), rows)
+    assert all(len(set(modes)) == 1 for modes in got[2:]), got      # one decision per call
+
+
+def test_fbcache_serves_finished_chunks_kv_and_stays_exact_where_it_recomputes():
+    """Block 0 and the tail each keep finished chunks' K/V; the outputs equal FBCache without K/V
+    serving, with fewer tokens through block 0."""
+    from tests.unit.scope_toy import df_schedule
+
+    def run(kv):
+        model = ToyModel(mix=0.3)
+        cfg = make_config("fbcache", threshold=0.05, selective="exact", kv_cache_finished=kv)
+        accel = apply_accel(model, cfg, ToyAdapter())
+        outs, pre = [], [0] * 4
+        h = make_hidden(4, seed=1)
+        for step, row in enumerate(df_schedule(4, 4, 1)):
+            sig = [max(0.0, 1.0 - r / 4) for r in row]
+            active = [r != p and r <= 4 for r, p in zip(row, pre)]
+            nxt = [max(0.0, s - 0.25) if a else s for s, a in zip(sig, active)]
+            with accel.call(make_ctx(sig, active=active, nxt=nxt, step=step, causal=True)):
+                out = model(h, make_inputs(sig, causal=True))     # finished chunks keep their input
+            outs.append([chunk_tokens(out, j) for j in range(4) if active[j]])
+            pre = row
+        block0_tokens = sum(n for (start, end, n) in model.log if start == 0)
+        return outs, accel.stats("r"), block0_tokens
+
+    plain, st_plain, tok_plain = run(False)
+    served, st_kv, tok_kv = run(True)
+    for a, b in zip(plain, served):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    assert st_kv.kv_served_chunks > 0 and tok_kv < tok_plain
+
+
+def test_magcache_skips_while_the_accumulated_ratio_error_is_small_and_at_most_k_times():
+    from scope.baselines import MagCachePolicy
+    from scope.config import MagCacheConfig
+
+    # ratio 0.98 per step: err after n skips = sum_i |1 - 0.98^i| = 0.02, 0.0596, 0.1184
+    cfg = MagCacheConfig(mag_ratios={"cond": [1.0] + [0.98] * 19}, threshold=0.1, max_skip_steps=3,
+                         retention_ratio=0.1, num_steps=20)
+    got = [m[0] for m in drive(MagCachePolicy(cfg), [[1.0 - 0.05 * k] for k in range(9)])]
+    # calls 0-1: retention (int(0.1 x 20) = 2); then skip 2 (err 0.02, 0.0596), the 3rd would reach 0.118
+    assert got == [RECOMPUTE, RECOMPUTE, CACHE, CACHE, RECOMPUTE, CACHE, CACHE, RECOMPUTE, CACHE]
+    k_bound = MagCacheConfig(mag_ratios={"cond": [1.0] * 20}, threshold=1.0, max_skip_steps=2, retention_ratio=0.0)
+    got = [m[0] for m in drive(MagCachePolicy(k_bound), [[1.0 - 0.05 * k] for k in range(7)])]
+    assert got == [RECOMPUTE, CACHE, CACHE, RECOMPUTE, CACHE, CACHE, RECOMPUTE]
+
+
+def test_magcache_ratio_table_is_resampled_to_the_step_count_and_kept_per_branch():
+    from scope.baselines import MagCachePolicy
+    from scope.config import MagCacheConfig
+
+    pol = MagCachePolicy(MagCacheConfig(mag_ratios={"cond": [1.0, 0.9, 0.8], "uncond": [1.0, 0.5, 0.4]},
+                                        num_steps=5))
+    assert [pol.gamma("cond", s) for s in range(5)] == [1.0, 0.9, 0.9, 0.8, 0.8]
+    assert pol.gamma("uncond", 4) == 0.4
+
+
+def test_magcache_calibration_measures_the_residual_magnitude_ratio():
+    """Toy residual = poly(sigma) x w: the measured ratio at each step is |poly(s_t)| / |poly(s_t-1)|."""
+    from scope.baselines import mag_ratio_table
+
+    model = ToyModel()
+    accel = apply_accel(model, make_config("magcache", calibrate=True), ToyAdapter())
+    sig = [1.0, 0.8, 0.5]
+    for step, s in enumerate(sig):
+        with accel.call(make_ctx([s], step=step)):
+            model(make_hidden(1, seed=step), make_inputs([s]))
+    st = accel.end_request("r")
+    assert st.modes.recompute == 3 and st.reasons == {"calibrate": 3}
+    table = mag_ratio_table(st.mag_ratios, 3)["cond"]
+    want = [1.0] + [float(model.residual(sig[i]).norm() / model.residual(sig[i - 1]).norm()) for i in (1, 2)]
+    assert table == pytest.approx(want)

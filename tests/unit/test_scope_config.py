@@ -118,7 +118,7 @@ def test_fbcache_serves_finished_kv_but_refuses_stale_kv():
 
 def test_configs_say_what_the_system_must_provide():
     assert FBCacheConfig().needs_whole_stack and not ScopeConfig().needs_whole_stack
-    assert ScopeConfig().needs_stack_feedback
+    assert ScopeConfig(eps_error=0.5).needs_stack_feedback
     assert not ScopeConfig(error_estimate="off").needs_stack_feedback
     assert not ScopeConfig(eps_error=math.inf).needs_stack_feedback
 

@@ -18,7 +18,8 @@ EXACT = dict(rtol=1e-12, atol=1e-12)
 def scope_cfg(**kw):
     base = dict(force_final_step=False, sigma_floor_scale=1.0, residual_dtype="input",
                 max_consecutive=100, eps_error=math.inf, granularity="chunk", indicator="probe",
-                prefer="cache", order=2, horizon_rho=1.0, error_estimate="embedded")
+                prefer="cache", order=2, horizon_rho=1.0, error_estimate="embedded",
+                coordinate="sigma")
     return ScopeConfig(**{**base, **kw})
 
 
@@ -136,7 +137,7 @@ def test_cfg_branches_and_requests_never_share_state():
         torch.testing.assert_close(out, h2 + model.residual(sigma_then), **EXACT,
                                    msg=f"{request}/{branch} must reuse its own residual")
     stats_a = accel.end_request("a")
-    assert stats_a.calls == 4 and accel.executor.residuals.keys("a") == []
+    assert stats_a.calls == 4 and accel.executor.units.keys("a") == []
     out = call(model, accel, make_ctx([0.1], request="b", step=2), h, [0.1])
     torch.testing.assert_close(out, h + model.residual(0.3), **EXACT)   # b untouched by a's end
 
@@ -204,13 +205,13 @@ def test_memory_is_bounded_by_the_window_not_the_video():
             for br in ("cond", "uncond"):
                 ctx = make_ctx(sig, branch=br, step=3 * offset + k, offset=offset)
                 call(model, accel, ctx, make_hidden(3, seed=k), sig)
-        peak_units.append(len(accel.executor.residuals))
+        peak_units.append(len(accel.executor.units))
         peak_bytes.append(accel.memory_bytes())
-    assert max(peak_units) <= 3 * 2, "at most window chunks x branches units hold residuals"
-    assert max(k.chunk for k in accel.executor.residuals.keys()) == 17 + 2
+    assert max(peak_units) <= 3 * 2, "at most window chunks x branches units hold state"
+    assert max(k.chunk for k in accel.executor.units.keys()) == 17 + 2
     assert peak_bytes[-1] == peak_bytes[5], "memory stays flat as the video grows"
     accel.release_chunks("r", [17, 18, 19])
-    assert len(accel.executor.residuals) == 0 and accel.num_units("r") == 0
+    assert len(accel.executor.units) == 0 and accel.num_units("r") == 0
 
 
 def test_finished_chunks_drop_their_residuals():
@@ -219,7 +220,7 @@ def test_finished_chunks_drop_their_residuals():
                         ToyAdapter())
     rows = df_schedule(5, 4, 2)
     run_schedule(model, accel, rows[:7], branches=("cond",))       # row 6: F F A A W
-    held = sorted(k.chunk for k in accel.executor.residuals.keys("r"))
+    held = sorted(k.chunk for k, st in accel.executor.units.items("r") if st.residuals)
     assert held == [2, 3], f"finished chunks 0, 1 must be released, held {held}"
 
 

@@ -17,7 +17,7 @@ from tests.unit.scope_toy import make_ctx
 # granularity, Predict first, observed error) have their own tests below
 BASE = dict(force_final_step=False, sigma_floor_scale=1.0, max_consecutive=100, warmup_steps=1,
             granularity="chunk", indicator="probe", prefer="cache", order=2, horizon_rho=1.0,
-            error_estimate="embedded", eps_error=0.05)
+            error_estimate="embedded", eps_error=0.05, coordinate="sigma", tau_cache=0.05)
 
 
 def drive(policy, sigmas, nxt=None, estimate=lambda unit, coord: None, request="r", branch="cond"):
