@@ -78,7 +78,7 @@ TEACACHE_SWEEP_BASE: dict[str, Any] = {"rescale": None}
 # calibrated config (the knob that sets its cost); baselines sweep their published knob.
 SWEEPS: dict[str, dict[str, list[float]]] = {
     "default": {
-        "scope": [2, 4],                                     # max_consecutive around the calibrated one
+        "scope": [1, 2, 4, 6],                               # max_consecutive around the calibrated 3
         "teacache-global": [0.03, 0.06],                     # threshold, one decision per window
         "flowcache": [0.2],                                  # threshold (input indicator)
         "taylorseer": [2, 3],                                # refresh interval, one decision per call
@@ -86,7 +86,7 @@ SWEEPS: dict[str, dict[str, list[float]]] = {
         "magcache": [0.06, 0.24],                            # threshold at K = 4 (README's 1.3B setting)
     },
     "wide": {
-        "scope": [2, 3, 4, 6, 8],
+        "scope": [1, 2, 3, 4, 6, 8],
         "teacache-global": [0.02, 0.03, 0.045, 0.06, 0.09, 0.12],
         "flowcache": [0.1, 0.2, 0.4],
         "taylorseer": [2, 3, 4, 5],
