@@ -195,10 +195,10 @@ def bench_cases(methods: Sequence[str], sweep: str = "default",
                                {"method": "none", **SELECTIVE_EXACT}, "ablation", "selective only"))
     if "scope" in methods and sweep != "none":
         ref = scope_config()
-        for label, cfg in (("without Predict (tau_predict = 0)", no_predict(ref)),
-                           ("without Cache (tau_cache = 0)", no_cache(ref)),
-                           ("paper order: Cache tested before Predict", {**ref, "prefer": "cache"}),
-                           ("per-chunk indicator (granularity chunk)", {**ref, "granularity": "chunk"})):
+        for label, cfg in (("Cache instead of Predict (order 0, same rule)", {**ref, "order": 0}),
+                           ("Predict in sigma (the paper's coordinate)", {**ref, "coordinate": "sigma"}),
+                           ("per-chunk indicator (granularity chunk)", {**ref, "granularity": "chunk"}),
+                           ("chunks in lockstep (sync)", {**ref, "sync": True})):
             cases.append(BenchCase("scope", label, cfg, "ablation", "scope ablations"))
     return cases
 

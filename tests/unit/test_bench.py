@@ -107,8 +107,8 @@ def test_cases_include_defaults_sweeps_and_the_ablations():
     cases = bench_cases(methods, mag_ratios=ratios, num_steps=30)
     settings = [c.setting for c in cases]
     assert any("selective computation alone" in s for s in settings)
-    assert any("without Predict" in s for s in settings) and any("without Cache" in s for s in settings)
-    assert any("paper order" in s for s in settings) and any("per-chunk indicator" in s for s in settings)
+    assert any("Cache instead of Predict" in s for s in settings) and any("paper's coordinate" in s for s in settings)
+    assert any("lockstep" in s for s in settings) and any("per-chunk indicator" in s for s in settings)
     for m in methods[1:]:
         assert sum(c.method == m and c.group == "default" for c in cases) == 1, m
         assert sum(c.method == m and c.group == "sweep" for c in cases) >= 1, m
