@@ -131,25 +131,29 @@ def build_accel_config(spec: GenerateSpec, causal: bool = False, args: Any = Non
             raise ValueError(f"--accel {spec.accel} disagrees with --accel-config {spec.accel_config} "
                              f"(method {config.method!r}); drop one of them")
     else:
-        config, source = _shipped_config(spec.accel, model_folder), "shipped"
+        config, source = _shipped_config(spec.accel, model_folder, _schedule_of(args, spec.frames)), "shipped"
         if config is None:
             extra = {"selective": "exact", "kv_cache_finished": True} if causal and spec.accel != "none" else {}
             config, source = make_config(spec.accel, **extra), "defaults"
     if config.method == "magcache" and args is not None:
         config = config.replace(num_steps=args.num_steps)
     mismatch = config.schedule_mismatch(_schedule_of(args, spec.frames)) if args is not None else []
+    if source == "shipped":
+        source = f"shipped with the model ({config.method}, calibrated for {config.calibrated_for})"
     return ResolvedAccel(config, source, mismatch)
 
 
-def _shipped_config(method: str, folder: str | None) -> Any:
+def _shipped_config(method: str, folder: str | None, schedule: dict[str, Any] | None) -> Any:
     if method == "none" or folder is None:
         return None
     from pipelines.procedural.bundle import default_accel_config
 
-    return default_accel_config(method, folder)
+    return default_accel_config(method, folder, schedule)
 
 
-def _schedule_of(args: Any, frames: int) -> dict[str, Any]:
+def _schedule_of(args: Any, frames: int) -> dict[str, Any] | None:
+    if args is None:
+        return None
     return {"num_steps": args.num_steps, "shift": float(args.shift), "ar_step": args.ar_step,
             "guidance_scale": float(args.guidance_scale), "causal_block_size": args.causal_block_size,
             "base_num_frames": args.base_num_frames, "overlap_frames": args.overlap_frames, "frames": frames}

@@ -81,13 +81,23 @@ class ProceduralBundle:
         return ScheduleArgs(**values)
 
 
-def default_accel_config(method: str, folder: str | Path | None = None) -> Any:
-    """The calibrated accelerator config a weights folder ships for `method`
-    (`<folder>/accel/<method>.json`, written by `scope calibrate`), or None when it ships none."""
+def default_accel_config(method: str, folder: str | Path | None = None,
+                         schedule: dict[str, Any] | None = None) -> Any:
+    """The calibrated accelerator config a weights folder ships for `method`, or None.
+
+    `<folder>/accel/<method>.json` and `<folder>/accel/<method>.<label>.json` (written by
+    `scope calibrate`, each recording the schedule it was calibrated for); with `schedule`, the
+    one whose calibration schedule differs from it in the fewest keys (ties: file name order)."""
     from scope.config import load_config
 
-    path = (WEIGHTS_DIR if folder is None else Path(folder)) / "accel" / f"{method}.json"
-    return load_config(path) if path.is_file() else None
+    root = (WEIGHTS_DIR if folder is None else Path(folder)) / "accel"
+    paths = sorted(root.glob(f"{method}.json")) + sorted(root.glob(f"{method}.*.json"))
+    configs = [load_config(p) for p in paths]
+    if not configs:
+        return None
+    if schedule is None:
+        return configs[0]
+    return min(configs, key=lambda c: len(c.schedule_mismatch(schedule)))
 
 
 def load_bundle(path: str | Path | None = None) -> ProceduralBundle:

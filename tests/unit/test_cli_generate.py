@@ -57,3 +57,41 @@ def test_help_lists_commands():
     text = build_parser().format_help()
     for command in ("generate", "bench", "calibrate", "train"):
         assert command in text
+
+
+def test_embedded_model_accelerates_with_its_shipped_calibrated_config(tmp_path, capsys):
+    """`--accel scope` on the embedded model takes the config its weights ship (calibrated by
+    `scope calibrate`), really caches / predicts, and says where the config came from; used at
+    another length than the one it was calibrated for, it says so on stderr."""
+    out, stats_path = tmp_path / "v.mp4", tmp_path / "s.json"
+    rc = main(["generate", "--prompt", "a red circle moves right", "--frames", "12", "--seed", "0",
+               "--accel", "scope", "--out", str(out), "--stats", str(stats_path), "--no-progress"])
+    assert rc == 0
+    stats = json.loads(stats_path.read_text())
+    assert stats["accel"] == "scope" and stats["accel_config_source"].startswith("shipped with the model")
+    assert stats["accel_config"]["calibrated_for"]["frames"] != 12
+    assert stats["modes"]["predict"] + stats["modes"]["cache"] > 0, stats["modes"]
+    assert stats["block_evals"] < stats["block_evals_full"]
+    assert any("frames: calibrated" in m for m in stats["accel_schedule_mismatch"])
+    assert "calibrated for another schedule" in capsys.readouterr().err
+
+
+def test_accel_config_file_is_reported_as_applied_whatever_accel_says(tmp_path, capsys):
+    config = tmp_path / "accel.json"
+    config.write_text(json.dumps({"method": "taylorseer", "interval": 2,
+                                  "calibrated_for": {"num_steps": 30, "ar_step": 2}}))
+    rc, stats = _generate(tmp_path, "--accel-config", str(config))
+    assert rc == 0
+    assert stats["accel"] == "taylorseer" and stats["accel_config_source"] == str(config)
+    assert stats["accel_schedule_mismatch"] == ["ar_step: calibrated 2, used with 1",
+                                                "num_steps: calibrated 30, used with 4"]
+    err = capsys.readouterr().err
+    assert "num_steps: calibrated 30, used with 4" in err and len(err.strip().splitlines()) == 1
+
+
+def test_magcache_without_measured_ratios_is_one_clear_line(tmp_path, capsys):
+    rc, _ = _generate(tmp_path, "--accel", "magcache")
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert "mag_ratios is not set" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "v.mp4").exists()
