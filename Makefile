@@ -18,7 +18,7 @@ install: $(VPY)
 
 demo: install
 	$(VENV)/bin/scope generate --prompt "a red circle moves right" --frames 48 --seed 0 \
-	  --accel scope --out out/demo.mp4 --stats out/demo_stats.json
+	  --steps 30 --ar-step 2 --accel scope --out out/demo.mp4 --stats out/demo_stats.json
 
 test: install
 	.ci/services.sh install

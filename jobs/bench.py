@@ -93,7 +93,23 @@ SWEEPS: dict[str, dict[str, list[float]]] = {
         "fbcache": [0.1, 0.15, 0.2, 0.4],
         "magcache": [0.03, 0.06, 0.12, 0.24, 0.48],
     },
+    # the baseline points SCOPE's calibrated curve did not dominate in the default run, and the
+    # SCOPE settings that cover them (SCOPE_FRONTIER)
+    "frontier": {
+        "taylorseer": [2],
+        "magcache": [0.24],
+    },
 }
+# "frontier" sweep: SCOPE settings at both ends of the cost range (labelled overrides of the
+# calibrated config)
+SCOPE_FRONTIER: list[tuple[str, dict[str, Any]]] = [
+    ("max_consecutive=1, lockstep", {"max_consecutive": 1, "sync": True}),
+    ("max_consecutive=1, lockstep, step coordinate", {"max_consecutive": 1, "sync": True, "coordinate": "step"}),
+    ("max_consecutive=1, tau_predict=0.1", {"max_consecutive": 1, "tau_predict": 0.1}),
+    ("max_consecutive=1, warmup 3", {"max_consecutive": 1, "warmup_steps": 3}),
+    ("max_consecutive=4, tau_predict=0.6", {"max_consecutive": 4, "tau_predict": 0.6}),
+    ("max_consecutive=5", {"max_consecutive": 5}),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +187,9 @@ def bench_cases(methods: Sequence[str], sweep: str = "default",
             cases.append(BenchCase(m, "defaults", {"method": m, **SELECTIVE_EXACT}, "default", f"{m} defaults"))
     # 2. sweeps of the main knob
     for m in methods:
+        if m == "scope" and sweep == "frontier":
+            for label, overrides in SCOPE_FRONTIER:
+                cases.append(BenchCase(m, label, scope_config(**overrides), "sweep", "scope frontier"))
         for v in values.get(m, []) if m != "teacache" else values.get("teacache-global", []):
             if m == "scope":
                 cfg, label = scope_config(max_consecutive=int(v)), f"max_consecutive={int(v)}"
@@ -185,7 +204,7 @@ def bench_cases(methods: Sequence[str], sweep: str = "default",
             else:
                 cfg, label = {"method": m, "threshold": v, **SELECTIVE_EXACT}, f"thr={v:g}"
             cases.append(BenchCase(m, label, cfg, "sweep", m))
-    if sweep != "none" and "taylorseer" in methods:   # labelled extra: the per-chunk counter
+    if sweep not in ("none", "frontier") and "taylorseer" in methods:   # labelled extra: the per-chunk counter
         cases.append(BenchCase("taylorseer", "interval=2 per chunk (extra, not the original)",
                                {"method": "taylorseer", "interval": 2, "granularity": "chunk", **SELECTIVE_EXACT},
                                "sweep", "taylorseer per chunk"))
@@ -193,7 +212,7 @@ def bench_cases(methods: Sequence[str], sweep: str = "default",
     if "none" in methods:
         cases.append(BenchCase("none", "selective computation alone (exact + kv_cache_finished)",
                                {"method": "none", **SELECTIVE_EXACT}, "ablation", "selective only"))
-    if "scope" in methods and sweep != "none":
+    if "scope" in methods and sweep not in ("none", "frontier"):
         ref = scope_config()
         for label, cfg in (("Cache instead of Predict (order 0, same rule)", {**ref, "order": 0}),
                            ("Predict in sigma (the paper's coordinate)", {**ref, "coordinate": "sigma"}),

@@ -52,7 +52,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "prompt i gets seed --seed + i; every caption is checked before any generation")
     p.add_argument("--frames", type=int, default=48, help="video frames per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sweep", default="default", choices=["none", "default", "wide"], help="threshold sweeps")
+    p.add_argument("--sweep", default="default", choices=["none", "default", "wide", "frontier"], help="threshold sweeps")
     p.add_argument("--json", default="bench.json", help="results (list of objects)")
     p.add_argument("--plot", default=None, help="speed-quality plot (png)")
     p.add_argument("--model", default=None, help="model (default: the embedded procedural model)")

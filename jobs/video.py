@@ -67,11 +67,19 @@ def write_video(frames: np.ndarray, target: str, fps: int = 16, crf: int = 18) -
     os.close(fd)
     try:
         encode_mp4(frames, tmp, fps, crf)
+        os.chmod(tmp, _normal_mode())   # mkstemp creates 0600; the video is an ordinary file
         os.replace(tmp, target)  # atomic on one file system
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _normal_mode() -> int:
+    """0o666 minus the process umask (what open() would have given the file)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _write_remote(frames: np.ndarray, url: str, fps: int, crf: int) -> str:

@@ -65,11 +65,14 @@ def test_embedded_model_accelerates_with_its_shipped_calibrated_config(tmp_path,
     another length than the one it was calibrated for, it says so on stderr."""
     out, stats_path = tmp_path / "v.mp4", tmp_path / "s.json"
     rc = main(["generate", "--prompt", "a red circle moves right", "--frames", "12", "--seed", "0",
-               "--accel", "scope", "--out", str(out), "--stats", str(stats_path), "--no-progress"])
+               "--steps", "30", "--ar-step", "2", "--accel", "scope", "--out", str(out),
+               "--stats", str(stats_path), "--no-progress"])
     assert rc == 0
     stats = json.loads(stats_path.read_text())
     assert stats["accel"] == "scope" and stats["accel_config_source"].startswith("shipped with the model")
-    assert stats["accel_config"]["calibrated_for"]["frames"] != 12
+    calibrated = stats["accel_config"]["calibrated_for"]
+    assert (calibrated["num_steps"], calibrated["ar_step"]) == (30, 2)   # the closest shipped config
+    assert calibrated["frames"] != 12
     assert stats["modes"]["predict"] + stats["modes"]["cache"] > 0, stats["modes"]
     assert stats["block_evals"] < stats["block_evals_full"]
     assert any("frames: calibrated" in m for m in stats["accel_schedule_mismatch"])
@@ -95,3 +98,13 @@ def test_magcache_without_measured_ratios_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "mag_ratios is not set" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_the_shipped_config_closest_to_the_schedule_is_chosen():
+    from pipelines.procedural.bundle import default_accel_config
+
+    fast = default_accel_config("scope", schedule={"num_steps": 30, "ar_step": 2, "frames": 48})
+    default = default_accel_config("scope", schedule={"num_steps": 10, "ar_step": 0, "frames": 48})
+    assert (fast.calibrated_for["num_steps"], fast.calibrated_for["ar_step"]) == (30, 2)
+    assert (default.calibrated_for["num_steps"], default.calibrated_for["ar_step"]) == (10, 0)
+    assert default_accel_config("teacache") is None

@@ -48,3 +48,18 @@ def test_bad_frames_are_named(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message):
         write_video(bad, str(target))
     assert not target.exists()
+
+
+def test_written_video_has_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    import numpy as np
+
+    from jobs.video import write_video
+
+    target = tmp_path / "v.mp4"
+    write_video(np.zeros((4, 16, 16, 3), dtype=np.uint8), str(target), fps=8)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
