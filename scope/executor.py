@@ -111,7 +111,7 @@ class StageExecutor:
     def execute(self, plan: CallPlan, h: torch.Tensor, inputs: Any, run_fn: RunFn) -> torch.Tensor:
         """Output of blocks [start, end) for every token of the window: h [B, N, D] -> [B, N, D]."""
         self._apply_releases(plan)
-        C, fpc = plan.num_chunks, plan.frames_per_chunk
+        C = plan.num_chunks
         tpc = self._tokens_per_chunk(plan, h, inputs)
         sel = plan.selective
         computed: dict[int, torch.Tensor] = {}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -23,7 +22,7 @@ from scope.config import AccelConfig
 from scope.executor import CallPlan, ExecReport, RunFn, StageExecutor, make_run_fn
 from scope.planner import FINISHED, classify_chunks, plan_selective
 from scope.scheduler import PREDICT, RECOMPUTE, SKIP, ChunkSignals, Decision
-from scope.state import CallContext, StateStore
+from scope.state import CallContext
 from scope.stats import RequestStats
 
 __all__ = ["ACCEL_HOOK", "Accelerator", "CallContext", "CallPlan", "FirstBlockAccelerator", "HookRegistry",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -211,10 +211,6 @@ class Policy:
                 st.observed, st.observed_span = err, span
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def release(self, request: str, chunks: Sequence[int], branch: str | None = None) -> None:
-        """Forget the decision state and residual history of these chunks (K/V stays)."""
-        self.units.edit_chunks(request, chunks, UnitState.clear_history, branch)
-
     def end_request(self, request: str) -> None:
         self.units.drop_request(request)
 
