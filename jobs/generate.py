@@ -81,6 +81,8 @@ class GenerateSpec:
             raise ValueError("--stages/--replicas need --backend ray (the local backend is one process)")
         if not self.out.endswith(".mp4"):
             raise ValueError(f"--out must name an .mp4 file; got {self.out!r}")
+        for flag, path in (("--out", self.out), ("--stats", self.stats), ("--latents", self.latents)):
+            _check_writable(flag, path)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> GenerateSpec:
@@ -92,6 +94,22 @@ class GenerateSpec:
                    out=args.out, stats=args.stats, latents=args.latents, fps=args.fps,
                    backend=args.backend, stages=args.stages, replicas=args.replicas,
                    progress=not args.no_progress)
+
+
+def _check_writable(flag: str, path: str | None) -> None:
+    """A local output's folder must exist or be creatable, and be writable: fail before sampling."""
+    if path is None or ("://" in path and not path.startswith("file://")):
+        return
+    import tempfile
+
+    folder = Path(path.removeprefix("file://")).resolve().parent
+    try:   # the folder is made now anyway; a probe file is the only test root cannot fool
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write there ({err.strerror}: {folder}); pick a "
+                         f"writable path, e.g. out/video.mp4") from None
 
 
 @dataclass
@@ -139,7 +157,7 @@ def build_accel_config(spec: GenerateSpec, causal: bool = False, args: Any = Non
         config = config.replace(num_steps=args.num_steps)
     mismatch = config.schedule_mismatch(_schedule_of(args, spec.frames)) if args is not None else []
     if source == "shipped":
-        source = f"shipped with the model ({config.method}, calibrated for {config.calibrated_for})"
+        source = "shipped with the model (pipelines/procedural/weights/accel)"
     return ResolvedAccel(config, source, mismatch)
 
 

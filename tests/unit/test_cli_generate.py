@@ -45,6 +45,7 @@ def test_same_seed_same_latents(tmp_path):
     (["--out", "x.avi"], ".mp4"),
     (["--accel-config", "/nonexistent.json"], "accel-config"),
     (["--stages", "2"], "--backend ray"),
+    (["--stats", "/proc/no/such/stats.json"], "--stats /proc/no/such/stats.json: cannot write there"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
     rc = main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "v.mp4"), *args])
