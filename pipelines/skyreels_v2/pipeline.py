@@ -41,7 +41,7 @@ from pipelines.skyreels_v2.schedule import TimestepMatrix, generate_timestep_mat
 from pipelines.skyreels_v2.unipc import FlowUniPCSolver, make_flow_schedule
 
 __all__ = ["DFPipeline", "DFResult", "PixelOverlap", "RowRecord", "ScheduleArgs", "SegmentInfo",
-           "SegmentPlan", "fps_embedding_id", "plan_segments"]
+           "SegmentPlan", "fps_embedding_id", "plan_segments", "segment_prefix"]
 
 NoiseSource = torch.Tensor | Sequence[torch.Tensor] | torch.Generator | None
 
@@ -529,6 +529,15 @@ def _next_sigmas(sigma: torch.Tensor, active: torch.Tensor,
         k = int(torch.argmin((grid[:-1] - sigma[j]).abs()))
         nxt[j] = grid[k + 1]
     return nxt
+
+
+def segment_prefix(latents: torch.Tensor, overlap: int, block: int) -> torch.Tensor | None:
+    """The clean prefix the next segment starts from: the last `overlap` latents of this one
+    [C, F, H, W], cut to whole causal blocks as `generate` does (a copy: the segment can go)."""
+    if not overlap:
+        return None
+    prefix = _truncate_prefix(latents[:, -overlap:], block)
+    return None if prefix is None else prefix.clone()
 
 
 def _aligned(frames: int, block: int) -> int:

@@ -1,0 +1,155 @@
+"""The segment loop (`jobs.runner.VideoRun`) on the tiny DF model and the embedded model: it
+equals `DFPipeline.generate` fed the same named draws; a run killed after any segment resumes
+from its checkpoint to the same frames, writing no segment twice; bad latents stop it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jobs.runner import Draws, RunFault, RunState, VideoRun
+from jobs.setup import describe, load
+from jobs.spec import JobSpec
+from pipelines.skyreels_v2.pipeline import DFPipeline
+
+
+class MemoryFolder:
+    """SegmentWriter + CheckpointStore in memory; `crash_after` raises after writing that segment."""
+
+    def __init__(self, crash_after: int | None = None):
+        self.segments: dict[int, np.ndarray] = {}
+        self.writes: list[int] = []
+        self.state: bytes | None = None
+        self.crash_after = crash_after
+
+    def has_segment(self, index: int) -> bool:
+        return index in self.segments
+
+    def write_segment(self, index: int, frames: np.ndarray) -> None:
+        self.segments[index] = frames.copy()
+        self.writes.append(index)
+
+    def load(self) -> RunState | None:
+        return None if self.state is None else RunState.from_bytes(self.state, "memory")
+
+    def save(self, state: RunState) -> None:
+        self.state = state.to_bytes(seed=0)
+        if self.crash_after is not None and state.next_segment - 1 >= self.crash_after:
+            raise KeyboardInterrupt("simulated driver kill")
+
+    def video(self) -> np.ndarray:
+        return np.concatenate([self.segments[i] for i in sorted(self.segments)])
+
+
+def _tiny_spec(**changes) -> JobSpec:
+    values = dict(prompt="a test", frames=49, seed=3, model="tiny", steps=3, base_frames=6, overlap=2,
+                  ar_step=1, accel="scope")
+    values.update(changes)
+    return JobSpec(**values)
+
+
+def _run(spec: JobSpec, folder: MemoryFolder, every: int = 1, latents: list | None = None) -> VideoRun:
+    plan = describe(spec)
+    loaded = load(plan)
+    pipe = DFPipeline(loaded.model)
+    run = VideoRun(plan, loaded, pipe, folder, folder, checkpoint_every=every,
+                   on_latents=None if latents is None else (lambda first, new: latents.append(new)))
+    run.run()
+    return run
+
+
+def test_loop_equals_dfpipeline_generate_with_the_same_draws():
+    spec = _tiny_spec(accel="none")
+    plan = describe(spec)
+    assert len(plan.segments) >= 3
+    parts: list[torch.Tensor] = []
+    _run(spec, MemoryFolder(), latents=parts)
+    draws = Draws(spec.seed)
+    h, w = plan.latent_size
+    noises = [draws.segment_noise(s.index, (plan.channels, s.num_frames, h, w)) for s in plan.segments]
+    eps = [draws.prefix_noise(s.index) for s in plan.segments]
+    loaded = load(plan)
+    want = DFPipeline(loaded.model).generate(noises, loaded.context, loaded.negative, plan.args,
+                                             addnoise_eps=eps).latents
+    assert torch.equal(torch.cat(parts, dim=1), want)
+
+
+@pytest.mark.parametrize("crash_after, every", [(0, 1), (1, 1), (2, 2)])
+def test_a_killed_run_resumes_to_the_same_frames_without_rewriting_segments(crash_after, every):
+    spec = _tiny_spec()
+    whole = MemoryFolder()
+    _run(spec, whole, every)
+    folder = MemoryFolder(crash_after=crash_after)
+    with pytest.raises(KeyboardInterrupt):
+        _run(spec, folder, every)
+    written_before = list(folder.writes)
+    folder.crash_after = None
+    _run(spec, folder, every)
+    assert np.array_equal(folder.video(), whole.video())
+    assert len(folder.writes) == len(set(folder.writes)), f"a segment was written twice: {folder.writes}"
+    assert folder.writes[:len(written_before)] == written_before
+    state = folder.load()
+    assert state.next_segment == len(describe(spec).segments) and state.frames_done == 49
+    assert state.accel.calls == RunState.from_bytes(whole.state, "w").accel.calls
+
+
+def test_frames_decode_segment_by_segment_to_the_requested_count():
+    spec = _tiny_spec(frames=30)
+    folder = MemoryFolder()
+    _run(spec, folder)
+    video = folder.video()
+    assert video.shape == (30, 64, 64, 3) and video.dtype == np.uint8
+
+
+def test_embedded_model_skips_its_reference_block_and_rounding():
+    spec = JobSpec(prompt="a red circle moves right", frames=21, seed=1, steps=2)
+    plan = describe(spec)
+    assert plan.skip == 2 and plan.latent_frames == 2 + 22
+    folder = MemoryFolder()
+    _run(spec, folder)
+    assert folder.video().shape == (21, 64, 64, 3)
+
+
+def test_a_different_spec_cannot_resume_another_checkpoint():
+    folder = MemoryFolder(crash_after=0)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_tiny_spec(), folder)
+    folder.crash_after = None
+    with pytest.raises(RunFault, match="another spec"):
+        _run(_tiny_spec(seed=4), folder)
+
+
+def test_nan_latents_stop_the_run_before_anything_of_the_segment_is_written():
+    spec = _tiny_spec(accel="none")
+    plan = describe(spec)
+    loaded = load(plan)
+
+    class Poisoned(DFPipeline):
+        def sample_segment(self, *args, **kwargs):
+            info = super().sample_segment(*args, **kwargs)
+            if kwargs["plan"].index == 1:
+                info.latents[:, -1] = float("nan")
+            return info
+
+    folder = MemoryFolder()
+    with pytest.raises(RunFault, match="segment 1: the model produced NaN"):
+        VideoRun(plan, loaded, Poisoned(loaded.model), folder, folder).run()
+    assert folder.writes == [0]
+
+
+def test_checkpoint_bytes_round_trip_and_torn_files_are_refused():
+    state = RunState(fingerprint="f" * 64, next_segment=3, prefix=torch.randn(16, 2, 4, 4), frames_done=30,
+                     model_calls=12, rows=9, sample_seconds=1.5)
+    back = RunState.from_bytes(state.to_bytes(seed=5), "here")
+    assert back.next_segment == 3 and torch.equal(back.prefix, state.prefix) and back.model_calls == 12
+    with pytest.raises(RunFault, match="unreadable"):
+        RunState.from_bytes(state.to_bytes(seed=5)[:50], "here")
+
+
+def test_draws_are_named_and_independent():
+    draws = Draws(7)
+    a = draws.segment_noise(0, (2, 3))
+    assert torch.equal(a, Draws(7).segment_noise(0, (2, 3)))
+    assert not torch.equal(a, draws.segment_noise(1, (2, 3)))
+    assert not torch.equal(a, Draws(8).segment_noise(0, (2, 3)))
+    assert not torch.equal(torch.randn(2, 3, generator=draws.prefix_noise(0)), a)
