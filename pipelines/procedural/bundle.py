@@ -20,12 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
 
 from pipelines.procedural.codec import PatchCodec
 from pipelines.procedural.data import ClipConfig, empty_scene
-from pipelines.procedural.text import TextEncoder, tokenize
-from pipelines.skyreels_v2.checkpoint import load_transformer
+from pipelines.procedural.text import EOS, TextEncoder, tokenize
+from pipelines.skyreels_v2.checkpoint import (REDOWNLOAD, CheckpointError, excerpt, load_transformer,
+                                              parse_json_object, read_safetensors, state_dict_mismatch,
+                                              unreadable_safetensors)
 from pipelines.skyreels_v2.model import WanDFTransformer
 from pipelines.skyreels_v2.pipeline import DFPipeline, DFResult, ScheduleArgs
 
@@ -69,16 +71,22 @@ class ProceduralBundle:
 
     def schedule_args(self, **overrides: Any) -> ScheduleArgs:
         """ScheduleArgs from the defaults; overrides by pipeline.json or ScheduleArgs name (None = default)."""
-        values = {field: self.defaults[key] for key, field in _SCHEDULE_KEYS.items() if key in self.defaults}
-        valid = {f.name for f in fields(ScheduleArgs)}
-        for key, value in overrides.items():
-            name = _SCHEDULE_KEYS.get(key, key)
-            if name not in valid:
-                raise ValueError(f"unknown sampling setting {key!r}; valid: "
-                                 f"{sorted(set(_SCHEDULE_KEYS) | valid | set(_OTHER_OVERRIDES))}")
-            if value is not None:
-                values[name] = value
-        return ScheduleArgs(**values)
+        return schedule_from_defaults(self.defaults, **overrides)
+
+
+def schedule_from_defaults(defaults: dict[str, Any], **overrides: Any) -> ScheduleArgs:
+    """ScheduleArgs from a `pipeline.json` dict; overrides by pipeline.json or ScheduleArgs name
+    (None = the default). Needs no weights: a job checks its schedule before loading them."""
+    values = {field: defaults[key] for key, field in _SCHEDULE_KEYS.items() if key in defaults}
+    valid = {f.name for f in fields(ScheduleArgs)}
+    for key, value in overrides.items():
+        name = _SCHEDULE_KEYS.get(key, key)
+        if name not in valid:
+            raise ValueError(f"unknown sampling setting {key!r}; valid: "
+                             f"{sorted(set(_SCHEDULE_KEYS) | valid | set(_OTHER_OVERRIDES))}")
+        if value is not None:
+            values[name] = value
+    return ScheduleArgs(**values)
 
 
 def default_accel_config(method: str, folder: str | Path | None = None,
@@ -100,29 +108,157 @@ def default_accel_config(method: str, folder: str | Path | None = None,
     return min(configs, key=lambda c: len(c.schedule_mismatch(schedule)))
 
 
+# files of a weights folder, in the order train.py writes them
+BUNDLE_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "text_encoder.json",
+                "text_encoder.safetensors", "codec.json", "codec.safetensors", "pipeline.json"]
+TEXT_ENCODER_KEYS = {"vocab", "text_len", "text_dim"}
+
+# pipeline.json keys the loader and sampler read -> the JSON value they need (others are notes, e.g. "training")
+_INT, _NUMBER, _BOOL, _STR, _INT_OR_NULL = "an integer", "a number", "true/false", "a string", "an integer or null"
+_PIPELINE_TYPES = {"num_inference_steps": _INT, "shift": _NUMBER, "guidance_scale": _NUMBER, "ar_step": _INT,
+                   "causal_block_size": _INT, "base_num_frames": _INT_OR_NULL, "overlap_frames": _INT_OR_NULL,
+                   "addnoise_condition": _INT, "causal_attention": _BOOL, "reference_block": _BOOL,
+                   "height": _INT, "width": _INT, "fps": _INT, "background_style": _STR}
+
+
 def load_bundle(path: str | Path | None = None) -> ProceduralBundle:
-    """Load a weights folder written by `train.py` (None = the shipped one); strict everywhere."""
+    """Load a weights folder written by `train.py` (None = the shipped one); strict everywhere.
+
+    Any fault of the folder (missing, empty, truncated or invalid file, parts that do not fit
+    together) is one line: a CheckpointError (a ValueError) or, for absent files, FileNotFoundError.
+    """
     folder = WEIGHTS_DIR if path is None else Path(path)
-    needed = ["config.json", "model.safetensors", "model.safetensors.index.json", "text_encoder.json", "text_encoder.safetensors",
-              "codec.json", "codec.safetensors", "pipeline.json"]
-    absent = [n for n in needed if not (folder / n).is_file()]
-    if absent:
-        hint = ("train them with `.venv/bin/python -m pipelines.procedural.train --out "
-                f"{folder}`" if path is None else "is this a folder written by pipelines.procedural.train?")
-        raise FileNotFoundError(f"procedural weights folder {folder} lacks {absent}; {hint}")
+    fix = _retrain_hint(folder, shipped=path is None)
+    _check_files_present(folder, fix)
+    # the small JSON files first: a typo there fails before megabytes of weights are read
+    text_settings = _read_text_encoder_settings(folder / "text_encoder.json", fix)
+    _read_codec_settings(folder / "codec.json", fix)
+    defaults = _read_pipeline_defaults(folder / "pipeline.json", fix)
     transformer = load_transformer(str(folder))
-    text_config = json.loads((folder / "text_encoder.json").read_text())
-    text_encoder = TextEncoder(**text_config)
-    text_encoder.load_state_dict(load_file(str(folder / "text_encoder.safetensors")), strict=True)
-    codec = PatchCodec.load(folder / "codec")
-    defaults = json.loads((folder / "pipeline.json").read_text())
+    text_encoder = _load_text_encoder(folder / "text_encoder.safetensors", text_settings, fix)
+    codec = _load_codec(folder / "codec", fix)
     cfg = transformer.config
     if (text_encoder.text_dim, text_encoder.text_len) != (cfg.text_dim, cfg.text_len):
-        raise ValueError(f"{folder}: text encoder gives [{text_encoder.text_len}, {text_encoder.text_dim}] "
-                         f"but the transformer expects [{cfg.text_len}, {cfg.text_dim}]")
+        raise CheckpointError(f"{folder}: text encoder gives [{text_encoder.text_len}, {text_encoder.text_dim}] "
+                              f"but the transformer expects [{cfg.text_len}, {cfg.text_dim}]; {fix}")
     if codec.channels != cfg.in_dim:
-        raise ValueError(f"{folder}: codec has {codec.channels} latent channels, transformer in_dim {cfg.in_dim}")
-    return ProceduralBundle(transformer.eval(), text_encoder.eval(), codec, defaults, folder)
+        raise CheckpointError(f"{folder}: codec has {codec.channels} latent channels, transformer in_dim "
+                              f"{cfg.in_dim}; {fix}")
+    bundle = ProceduralBundle(transformer.eval(), text_encoder.eval(), codec, defaults, folder)
+    _check_defaults_fit(bundle, fix)
+    return bundle
+
+
+def _retrain_hint(folder: Path, shipped: bool) -> str:
+    """How to get a good folder back: the end of every message about a bad one."""
+    command = f"`.venv/bin/python -m pipelines.procedural.train --out {folder}`"
+    return f"train it again with {command}" if shipped else f"restore the file or re-train the folder with {command}"
+
+
+def _check_files_present(folder: Path, fix: str) -> None:
+    if not folder.is_dir():
+        problem = "a file, not a folder" if folder.exists() else "no such folder"
+        raise CheckpointError(f"{folder}: not a procedural weights folder ({problem}); it holds "
+                              f"{', '.join(BUNDLE_FILES)}")
+    absent = [n for n in BUNDLE_FILES if not (folder / n).is_file()]
+    if absent:
+        raise FileNotFoundError(f"procedural weights folder {folder} lacks {absent}; {fix}")
+
+
+def _read_json(path: Path, fix: str) -> dict[str, Any]:
+    return parse_json_object(path.read_bytes(), str(path), fix)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_text_encoder_settings(path: Path, fix: str) -> dict[str, Any]:
+    """text_encoder.json checked here, so TextEncoder never fails with a TypeError or a long vocab dump."""
+    settings = _read_json(path, fix)
+    unknown = sorted(set(settings) - TEXT_ENCODER_KEYS)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown key(s) {excerpt(', '.join(unknown))}; expected "
+                              f"{sorted(TEXT_ENCODER_KEYS)}; {fix}")
+    vocab = settings.get("vocab")
+    if not (isinstance(vocab, list) and vocab and all(isinstance(w, str) and w for w in vocab)):
+        raise CheckpointError(f'{path}: "vocab" must be a non-empty array of words, found '
+                              f"{excerpt(json.dumps(vocab))}; {fix}")
+    if len(set(vocab)) != len(vocab) or EOS in vocab:
+        raise CheckpointError(f'{path}: "vocab" must hold distinct words and not {EOS!r}; {fix}')
+    for key, least in (("text_len", 2), ("text_dim", 1)):
+        if key in settings and not (_is_int(settings[key]) and settings[key] >= least):
+            raise CheckpointError(f'{path}: "{key}" must be an integer >= {least}, found '
+                                  f"{excerpt(json.dumps(settings[key]))}; {fix}")
+    return settings
+
+
+def _read_codec_settings(path: Path, fix: str) -> dict[str, Any]:
+    """codec.json checked here: PatchCodec.load would fail on it with a bare KeyError or TypeError."""
+    settings = _read_json(path, fix)
+    for key in ("patch", "channels"):
+        if not (_is_int(settings.get(key)) and settings[key] >= 1):
+            found = excerpt(json.dumps(settings[key])) if key in settings else "nothing"
+            raise CheckpointError(f'{path}: "{key}" must be a positive integer, found {found}; {fix}')
+    return settings
+
+
+def _read_pipeline_defaults(path: Path, fix: str) -> dict[str, Any]:
+    """pipeline.json, with the type of every key the sampler reads checked (ranges: `_check_defaults_fit`)."""
+    defaults = _read_json(path, fix)
+    for key, kind in _PIPELINE_TYPES.items():
+        if key in defaults and not _has_json_type(defaults[key], kind):
+            raise CheckpointError(f'{path}: "{key}" must be {kind}, found {excerpt(json.dumps(defaults[key]))}; '
+                                  f"{fix}")
+    return defaults
+
+
+def _has_json_type(value: Any, kind: str) -> bool:
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    if kind == _STR:
+        return isinstance(value, str)
+    if kind == _NUMBER:
+        return _is_int(value) or isinstance(value, float)
+    return _is_int(value) or (kind == _INT_OR_NULL and value is None)
+
+
+def _load_text_encoder(path: Path, settings: dict[str, Any], fix: str) -> TextEncoder:
+    text_encoder = TextEncoder(**settings)
+    state = read_safetensors(path)
+    mismatch = state_dict_mismatch(text_encoder, state)
+    if mismatch:
+        raise CheckpointError(f"{path}: does not fit text_encoder.json ({mismatch}); {fix}")
+    text_encoder.load_state_dict(state, strict=True)
+    return text_encoder
+
+
+def _load_codec(stem: Path, fix: str) -> PatchCodec:
+    """PatchCodec.load, its library and key errors turned into one line naming codec.safetensors."""
+    label = str(stem.with_name(stem.name + ".safetensors"))
+    try:
+        return PatchCodec.load(stem)
+    except SafetensorError as err:
+        raise unreadable_safetensors(label, err) from None
+    except KeyError as err:   # str(KeyError) would wrap the message in quotes
+        raise CheckpointError(f"{err.args[0]}; {REDOWNLOAD}") from None
+    except ValueError as err:  # shapes that do not fit codec.json
+        raise CheckpointError(f"{err}; {fix}") from None
+
+
+def _check_defaults_fit(bundle: ProceduralBundle, fix: str) -> None:
+    """The sampling defaults make a valid schedule and a frame size the codec can encode."""
+    label = bundle.path / "pipeline.json"
+    try:
+        bundle.schedule_args()
+    except ValueError as err:
+        raise CheckpointError(f"{label}: {err}; {fix}") from None
+    patch = bundle.codec.patch
+    for key in ("height", "width"):
+        size = bundle.defaults.get(key, 64)
+        if size < patch or size % patch:
+            raise CheckpointError(f'{label}: "{key}" must be a positive multiple of the codec patch {patch}, '
+                                  f"found {size}; {fix}")
 
 
 def check_prompt(bundle: ProceduralBundle, prompt: str) -> None:
