@@ -8,35 +8,30 @@ ACCEL_METHODS = ["none", "scope", "teacache", "flowcache", "taylorseer", "fbcach
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate one (long) video from a prompt",
-                       description="Generate a video with an AR diffusion-forcing model, optionally accelerated.")
-    p.add_argument("--model", default=None,
-                   help="model: omitted = the embedded procedural model; 'tiny' = a tiny random SkyReels-V2 DF "
-                        "model; a directory or fsspec URL (s3://...) holding config.json + *.safetensors")
-    p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
-    p.add_argument("--context", default=None,
-                   help="precomputed text embeddings (safetensors with 'context' [L, text_dim] and optionally "
-                        "'negative_context') for checkpoints whose text encoder is not built in")
-    p.add_argument("--frames", type=int, default=48, help="number of video frames to generate")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same video)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps per frame (model default if omitted)")
-    p.add_argument("--shift", type=float, default=None, help="flow-matching shift (model default if omitted)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale; <= 1 disables the uncond branch")
-    p.add_argument("--ar-step", type=int, default=None, help="asynchronous step offset between causal blocks (0 = sync)")
-    p.add_argument("--causal-block-size", type=int, default=None, help="latent frames per causal block (chunk)")
-    p.add_argument("--base-frames", type=int, default=None, help="latent frames per segment (window)")
-    p.add_argument("--overlap", type=int, default=None, help="latent frames shared by consecutive segments")
-    p.add_argument("--accel", choices=ACCEL_METHODS, default="none", help="acceleration method")
-    p.add_argument("--accel-config", default=None, help="JSON file with accelerator settings (from `scope calibrate`)")
-    p.add_argument("--out", default="out/video.mp4", help="output mp4 (local path or fsspec URL)")
+    from jobs.long_video import add_spec_flags
+
+    p = sub.add_parser("generate", help="generate one video from a prompt (a job spec or flags)",
+                       description="Generate a video with an AR diffusion-forcing model, optionally accelerated. "
+                                   "Fields come from --spec (YAML) and the flags (flags win); model: omitted = "
+                                   "the embedded procedural model, 'tiny' = a tiny random SkyReels-V2 DF model, "
+                                   "or a folder / URL with config.json + *.safetensors.")
+    add_spec_flags(p)
+    p.add_argument("--accel-config", default=None,
+                   help="JSON accelerator settings (from `scope calibrate`); the same as --accel PATH.json")
     p.add_argument("--stats", default=None, help="write run statistics (JSON) here")
     p.add_argument("--latents", default=None, help="also save the final latents (safetensors, tensor 'latents')")
-    p.add_argument("--fps", type=int, default=None, help="output frame rate")
-    p.add_argument("--backend", choices=["local", "ray"], default="local", help="run in-process or on a Ray cluster")
-    p.add_argument("--stages", type=int, default=1, help="pipeline stages per replica (ray backend)")
-    p.add_argument("--replicas", type=int, default=1, help="replicas (ray backend)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+
+
+def _add_long_video(sub: argparse._SubParsersAction) -> None:
+    from jobs.long_video import build_parser
+
+    p = sub.add_parser("long-video", help="a long video into an output folder: streamed segments, "
+                       "checkpoints, resume (also: ray job submit -- python -m jobs.long_video --spec ...)",
+                       description="Generate a long video segment by segment into an output folder "
+                                   "(segments/, checkpoint/, video.mp4, stats.json); resubmit the same spec "
+                                   "to resume.")
+    build_parser(p)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -119,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with autoregressive video diffusion (Cache / Predict / Recompute).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
+    _add_long_video(sub)
     _add_bench(sub)
     _add_calibrate(sub)
     _add_train(sub)
@@ -131,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from jobs.generate import run_generate
             run_generate(args)
+        elif args.command == "long-video":
+            from jobs.long_video import run_cli
+            return run_cli(args)
         elif args.command == "bench" and args.target == "cluster":
             run_cluster_bench(args)
         elif args.command == "bench":
@@ -142,9 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             from pipelines.procedural.train import run_train
             run_train(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        # bad input: one clear line, no traceback
-        print(f"scope {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+        # bad input or a run that cannot go on: one clear line, no traceback, no secret
+        if isinstance(err, RuntimeError) and type(err).__name__ != "RunFault":
+            raise
+        from jobs.storage import safe_message
+        print(f"scope {args.command}: error: {safe_message(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -321,10 +321,21 @@ def summary_stats(plan: VideoPlan, summary: RunSummary, extra: dict[str, Any] | 
 
 
 def dumps_stats(stats: dict[str, Any]) -> bytes:
-    """Strict JSON (a NaN anywhere is a bug to surface, not invalid JSON to write)."""
+    """Strict JSON: a non-finite float (an unbounded `eps_error` = inf) is written as the string
+    "inf" / "-inf" / "nan", never as the invalid bare tokens Python's json emits by default."""
     buffer = io.StringIO()
-    json.dump(stats, buffer, indent=1, default=str, allow_nan=False)
+    json.dump(_finite_json(stats), buffer, indent=1, default=str, allow_nan=False)
     return buffer.getvalue().encode()
+
+
+def _finite_json(value: Any) -> Any:
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 __all__ = ["Draws", "Progress", "RunFault", "RunState", "RunSummary", "SegmentSampler", "SegmentWriter",

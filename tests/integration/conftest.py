@@ -73,3 +73,41 @@ def s3_endpoint():
 def s3_options(s3_endpoint):
     """fsspec storage options for the moto endpoint (no region: bucket creation fails with one)."""
     return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}
+
+
+RAY_TEST_ENV = {"RAY_AUTH_MODE": "disabled", "AWS_ACCESS_KEY_ID": "AKIASCOPETESTKEY0001",
+                "AWS_SECRET_ACCESS_KEY": "scope-test-secret-value-42"}
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real Ray head (`ray start --head --block`, its own process group, 127.0.0.1) with the job
+    API on a free dashboard port; stopped by process group with SIGKILL after a grace period.
+    Jobs submitted to it see RAY_TEST_ENV (moto accepts any credentials: these are unique
+    strings a test can look for in logs and files)."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    temp = Path(f"/tmp/ray-{os.getpid()}-{free_port()}")   # short: Ray's unix socket paths are limited
+    gcs, dashboard = free_port(), free_port()
+    env = {**os.environ, **RAY_TEST_ENV}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
+    proc = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={gcs}",
+                             "--node-ip-address=127.0.0.1", "--num-cpus=4", "--include-dashboard=true",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                             f"--temp-dir={temp}", "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_port(dashboard, proc, "ray dashboard", timeout=90.0)
+        yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "ray": str(ray_bin)}
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -41,17 +41,59 @@ def test_same_seed_same_latents(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--frames", "0"], "--frames"),
+    (["--frames", "0"], "spec field 'frames': 0 is out of range"),
+    (["--frames", "1000000000"], "spec field 'frames'"),
+    (["--frames", "10000000"], "at most 24 h"),
     (["--out", "x.avi"], ".mp4"),
-    (["--accel-config", "/nonexistent.json"], "accel-config"),
-    (["--stages", "2"], "--backend ray"),
-    (["--stats", "/proc/no/such/stats.json"], "--stats /proc/no/such/stats.json: cannot write there"),
+    (["--accel-config", "/nonexistent.json"], "'accel': '/nonexistent.json': no such file"),
+    (["--stages", "2"], "need backend 'ray'"),
+    (["--stats", "/proc/no/such/stats.json"], "--stats /proc/no/such/stats.json"),
+    (["--guidance", "inf"], "spec field 'guidance': inf is not a finite number"),
+    (["--guidance", "nan"], "spec field 'guidance': nan is not a finite number"),
+    (["--shift", "-2"], "spec field 'shift'"),
+    (["--prompt", "p" * 100_000], "100000 characters"),
+    (["--context", "/no/such/embeddings.safetensors"], "'context'"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
     rc = main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "v.mp4"), *args])
     assert rc == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1 and len(err) < 600, err[:1000]
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_nan_text_embeddings_fail_before_sampling(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    context = torch.randn(16, 32)
+    context[3, 5] = float("nan")
+    path = tmp_path / "context.safetensors"
+    save_file({"context": context}, str(path))
+    rc = main(["generate", "--model", "tiny", "--prompt", "x", "--context", str(path), "--frames", "9",
+               "--out", str(tmp_path / "v.mp4"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "NaN or inf" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_same_spec_same_bytes_and_normal_permissions(tmp_path):
+    import os
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    _generate(a)
+    _generate(b)
+    for name in ("v.mp4", "l.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs between identical runs"
+    stats_a, stats_b = json.loads((a / "s.json").read_text()), json.loads((b / "s.json").read_text())
+    assert stats_a["block_evals"] == stats_b["block_evals"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("v.mp4", "s.json", "l.safetensors"):
+        assert (a / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert sorted(p.name for p in a.iterdir()) == ["l.safetensors", "s.json", "v.mp4"], "temporary files left"
 
 
 def test_help_lists_commands():
