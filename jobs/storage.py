@@ -62,6 +62,7 @@ _SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KE
 _MIN_SECRET_CHARS = 4
 _S3_PROTOCOLS = ("s3", "s3a")
 _TIMEOUT_FIX = "check the endpoint and network, or raise storage_timeout_s"
+_LOCAL_WRITE_FIX = "pick a folder you can write to or fix its permissions"
 _umask_lock = threading.Lock()
 
 
@@ -192,17 +193,25 @@ def filesystem(url: str, storage_options: dict | None = None,
     return fs, path
 
 
+def _configured_endpoint(fs: fsspec.AbstractFileSystem, url: str) -> str | None:
+    client_kwargs = getattr(fs, "client_kwargs", None) or {}
+    endpoint = client_kwargs.get("endpoint_url") or getattr(fs, "endpoint_url", None)
+    if not endpoint and _protocol(url) in _S3_PROTOCOLS:
+        # botocore's own variables, used when storage_options name no endpoint
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return str(endpoint) if endpoint else None
+
+
 def _endpoint(fs: fsspec.AbstractFileSystem, url: str) -> str:
     """Where the storage lives, for messages (never with user:password in it)."""
-    client_kwargs = getattr(fs, "client_kwargs", None) or {}
-    endpoint = (client_kwargs.get("endpoint_url") or getattr(fs, "endpoint_url", None)
-                or (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-                    if _protocol(url) in _S3_PROTOCOLS else None))
+    endpoint = _configured_endpoint(fs, url)
     if not endpoint:
         return "the default AWS endpoint" if _protocol(url) in _S3_PROTOCOLS else f"{_protocol(url)} storage"
-    parts = urlsplit(str(endpoint))
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    try:
+        parts = urlsplit(endpoint)
+        netloc = f"{parts.hostname}:{parts.port}" if parts.port else (parts.hostname or "")
+    except ValueError:  # a malformed port: say which host at least
+        return urlsplit(endpoint).hostname or "the configured endpoint"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
@@ -321,6 +330,7 @@ def _reason_and_fix(err: BaseException, timeout_s: float, endpoint: str, secrets
     if _is_timeout(err):
         return f"storage not reachable within {timeout_s:g} s ({endpoint}); {_TIMEOUT_FIX}"
     if _is_unreachable(err):
+        # refused or unresolvable: waiting longer would not help
         return f"storage not reachable ({endpoint}: {safe_message(err, secrets)}); check the endpoint and network"
     if writing and isinstance(err, FileNotFoundError):
         # writing a new key never needs it to exist: what is missing is the bucket itself
@@ -445,7 +455,7 @@ def _check_local_writable(url: str, what: str) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
             pass
     except OSError as err:
-        raise _local_failure(what, url, err, "pick a folder you can write to or fix its permissions") from None
+        raise _local_failure(what, url, err, _LOCAL_WRITE_FIX) from None
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict | None = None,
@@ -456,7 +466,7 @@ def write_bytes(url: str, data: bytes, storage_options: dict | None = None,
         try:
             _write_local_atomically(_local_path(url), lambda out: out.write(data))
         except OSError as err:
-            raise _local_failure("write", url, err, "pick a folder you can write to or fix its permissions") from None
+            raise _local_failure("write", url, err, _LOCAL_WRITE_FIX) from None
         return
 
     def upload(fs, path, watch):
@@ -479,14 +489,17 @@ def put_file(local_path: str, url: str, storage_options: dict | None = None,
         try:
             _write_local_atomically(_local_path(url), _copy_file_into(local_path))
         except OSError as err:
-            raise _local_failure("copy to", url, err, "pick a folder you can write to or fix its permissions") from None
+            raise _local_failure("copy to", url, err, _LOCAL_WRITE_FIX) from None
         return
 
     def upload(fs, path, watch):
         partial = f"{path}.partial-{uuid.uuid4().hex}"
         extra = ({"chunksize": UPLOAD_PART_BYTES, "max_concurrency": UPLOAD_PARTS_IN_FLIGHT}
                  if _protocol(url) in _S3_PROTOCOLS else {})
-        send = lambda: fs.put_file(local_path, partial, callback=_ProgressCallback(watch), **extra)  # noqa: E731
+
+        def send() -> None:
+            fs.put_file(local_path, partial, callback=_ProgressCallback(watch), **extra)
+
         _publish(fs, partial, path, watch, send, size, timeout_s)
 
     batch = min(size, UPLOAD_PART_BYTES * UPLOAD_PARTS_IN_FLIGHT)
