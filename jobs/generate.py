@@ -34,7 +34,7 @@ def _check_target(flag: str, target: str | None, spec: JobSpec) -> None:
         return
     folder = target.rsplit("/", 1)[0] if "/" in target else "."
     try:
-        storage.check_writable(folder, spec.storage_options, spec.storage_timeout_s, what=f"{flag} {target}:")
+        storage.check_writable(folder, spec.storage_options, spec.storage_timeout_s, what=flag)
     except storage.StorageError as err:
         raise SpecError(str(err)) from None
 

@@ -50,10 +50,11 @@ def encode_mp4(frames: np.ndarray, path: str, fps: int = 16, crf: int = 18) -> N
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        # x264's own worker threads make its decisions depend on scheduling, so repeated encodes
-        # of the same frames differed; codec_context.thread_count = 1 did not stop that (av 18.1),
-        # the x264 "threads" option does.
-        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        # Determinism: x264's worker threads make its decisions depend on scheduling (the
+        # "threads" option, not codec_context.thread_count, stops them, av 18.1), and even on one
+        # thread its macroblock-tree rate control gave 3-5 different files in 12 encodes of the
+        # same dark procedural frames; with mbtree=0 every one of 40 encodes was identical.
+        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
