@@ -216,6 +216,7 @@ class VideoRun:
         self.draws = Draws(plan.spec.seed)
         self.fingerprint = plan.spec.fingerprint()
 
+    @torch.no_grad()   # sampling only: an autograd graph would chain every segment to the next
     def run(self) -> RunSummary:
         started = time.perf_counter()
         state = self._start()
@@ -316,8 +317,15 @@ def summary_stats(plan: VideoPlan, summary: RunSummary, extra: dict[str, Any] | 
         "accel": plan.accel.method, "accel_config": plan.accel.to_dict(),
         "accel_config_source": plan.accel_source, "accel_schedule_mismatch": plan.accel_mismatch,
         "accel_stats": stats, "rng": {"scheme": RNG_SCHEME, "seed": plan.spec.seed},
-        "spec_fingerprint": plan.spec.fingerprint(), **(extra or {}),
+        "spec_fingerprint": plan.spec.fingerprint(), "peak_rss_mb": peak_rss_mb(), **(extra or {}),
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (the driver; Ray stage workers are not included)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def dumps_stats(stats: dict[str, Any]) -> bytes:

@@ -302,6 +302,7 @@ class DFPipeline:
         return DFResult(latents=latents, segments=segments, video=video,
                         seconds=time.perf_counter() - started)
 
+    @torch.no_grad()
     def sample_segment(self, noise: torch.Tensor, context: torch.Tensor,
                        negative_context: torch.Tensor | None, args: ScheduleArgs, *,
                        plan: SegmentPlan | None = None,

@@ -153,3 +153,12 @@ def test_draws_are_named_and_independent():
     assert not torch.equal(a, draws.segment_noise(1, (2, 3)))
     assert not torch.equal(a, Draws(8).segment_noise(0, (2, 3)))
     assert not torch.equal(torch.randn(2, 3, generator=draws.prefix_noise(0)), a)
+
+
+def test_the_loop_builds_no_autograd_graph():
+    """A graph through the segment prefix chained every segment to the next (700 MB per segment
+    on the embedded model): sampling must run without grad whoever calls it."""
+    parts: list[torch.Tensor] = []
+    assert torch.is_grad_enabled()
+    _run(_tiny_spec(accel="none"), MemoryFolder(), latents=parts)
+    assert parts and not any(p.requires_grad or p.grad_fn is not None for p in parts)
