@@ -179,8 +179,17 @@ class JobSpec:
     storage_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            object.__setattr__(self, f.name, _CHECKS[f.name](f.name, getattr(self, f.name)))
+        problems = []
+        for f in fields(self):   # every field is checked: a spec with several bad values names them all
+            try:
+                object.__setattr__(self, f.name, _CHECKS[f.name](f.name, getattr(self, f.name)))
+            except SpecError as err:
+                problems.append(str(err))
+        if len(problems) == 1:
+            raise SpecError(problems[0])
+        if problems:
+            raise SpecError(f"{len(problems)} bad spec fields: " + " | ".join(
+                p.removeprefix("spec field ") for p in problems))
         if (self.frames is None) == (self.duration_s is None):
             raise SpecError("spec: give exactly one of 'frames' (e.g. 48) and 'duration_s' (e.g. 600); "
                             f"got frames={self.frames}, duration_s={self.duration_s}")

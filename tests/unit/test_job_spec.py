@@ -106,3 +106,10 @@ def test_a_day_of_video_is_the_limit():
     assert spec.frame_count(8) == 8 * 86400
     with pytest.raises(SpecError, match="at most 24 h"):
         JobSpec(prompt="a red circle moves right", frames=10**7).frame_count(8)
+
+
+def test_a_spec_full_of_bad_values_names_every_field_in_one_line():
+    message = _error(guidance=math.inf, frames=0, backend="gpu", steps=-1, prompt="", fps=1000)
+    assert message.startswith("6 bad spec fields:"), message
+    for name in ("'guidance'", "'frames'", "'backend'", "'steps'", "'prompt'", "'fps'"):
+        assert name in message, (name, message)
