@@ -11,6 +11,7 @@ reader never sees half a file and two writers never share a temporary.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -34,6 +35,14 @@ class VideoFolder:
         self.options = spec.storage_options
         self.timeout = spec.storage_timeout_s
         self.fps = fps
+        self._found: set[str] | None = None     # segment files present when the run started
+
+    def _segment_names(self) -> set[str]:
+        """Listed once: a segment this run writes is recorded as it is written, so per-segment
+        lookups cost no storage round trip."""
+        if self._found is None:
+            self._found = set(storage.list_names(self.path("segments"), self.options, self.timeout))
+        return self._found
 
     # -- paths -----------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -68,7 +77,7 @@ class VideoFolder:
 
     # -- segments (SegmentWriter) ----------------------------------------------------------------
     def has_segment(self, index: int) -> bool:
-        return storage.exists(self.segment_path(index), self.options, self.timeout)
+        return self.segment_path(index).rsplit("/", 1)[-1] in self._segment_names()
 
     def write_segment(self, index: int, frames: np.ndarray) -> None:
         from jobs.video import encode_mp4
@@ -77,6 +86,7 @@ class VideoFolder:
             local = os.path.join(tmp, "segment.mp4")
             encode_mp4(frames, local, fps=self.fps)
             storage.put_file(local, self.segment_path(index), self.options, self.timeout)
+        self._segment_names().add(self.segment_path(index).rsplit("/", 1)[-1])
 
     def segment_indices(self, count: int) -> list[int]:
         """The segments that hold frames, in order (a segment may add none: the reference block)."""
@@ -102,7 +112,7 @@ class VideoFolder:
         if not sources:
             raise RunFault(f"out {self.root}: no segment files to join; the video has no frames")
         target = target or self.path("video.mp4")
-        opener = lambda url: storage.open_reader(url, self.options, self.timeout)   # noqa: E731
+        opener = self._read_whole   # one GET per segment: PyAV's small seeks would each be a ranged GET
         if not storage.is_remote(target):
             return concat_mp4(sources, target.removeprefix("file://"), opener=opener)
         with tempfile.TemporaryDirectory(prefix="scope-video-") as tmp:
@@ -110,6 +120,12 @@ class VideoFolder:
             frames = concat_mp4(sources, local, opener=opener)
             storage.put_file(local, target, self.options, self.timeout)
         return frames
+
+    def _read_whole(self, url: str) -> io.BytesIO:
+        data = storage.read_bytes(url, self.options, self.timeout)
+        if data is None:
+            raise RunFault(f"segment file {url} vanished while the video was being joined; run the job again")
+        return io.BytesIO(data)
 
     def write_stats(self, stats: dict[str, Any], target: str | None = None) -> None:
         from jobs.runner import dumps_stats

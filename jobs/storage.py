@@ -573,6 +573,27 @@ def exists(url: str, storage_options: dict | None = None, timeout_s: float = DEF
     return _remote("look up", url, storage_options, timeout_s, look)
 
 
+def list_names(url: str, storage_options: dict | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:
+    """The names (not paths) of the files/objects directly under the folder `url`, sorted; a
+    missing folder is empty. One LIST instead of a lookup per name."""
+    _check_timeout(timeout_s)
+    if not is_remote(url):
+        try:
+            return sorted(os.listdir(_local_path(url)))
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise _local_failure("list", url, err, "check the path and its permissions") from None
+
+    def listing(fs, path, watch):
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False, refresh=True))
+        except FileNotFoundError:
+            return []
+
+    return _remote("list", url, storage_options, timeout_s, listing)
+
+
 def remove(url: str, storage_options: dict | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Delete the file/object at `url`; a missing one is fine."""
     _check_timeout(timeout_s)
