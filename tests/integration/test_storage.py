@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 import uuid
 
@@ -24,34 +23,6 @@ def bucket(s3_options):
     name = f"storage-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(**s3_options, skip_instance_cache=True).mkdir(name)
     return name
-
-
-@pytest.fixture
-def silent_endpoint():
-    """127.0.0.1:PORT that accepts TCP connections and never sends a byte back."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(64)
-    server.settimeout(0.2)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept_forever() -> None:
-        while not stop.is_set():
-            try:
-                connection, _ = server.accept()
-            except (socket.timeout, OSError):
-                continue
-            held.append(connection)  # kept open, never read from or answered
-
-    thread = threading.Thread(target=accept_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join(5)
-    for connection in held:
-        connection.close()
-    server.close()
 
 
 @pytest.fixture
@@ -152,3 +123,18 @@ def test_refused_endpoint_fails_fast(s3_options):
     with pytest.raises(StorageError, match=f"storage not reachable \\(http://127.0.0.1:{port}: "):
         storage.write_bytes("s3://bucket/a", b"x", options, timeout_s=5)
     assert time.monotonic() - started < 5
+
+
+def test_list_names_on_s3(s3_options):
+    import uuid
+
+    import s3fs
+
+    from jobs.storage import list_names, write_bytes
+
+    bucket = f"list-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(**s3_options).mkdir(bucket)
+    assert list_names(f"s3://{bucket}/segments", s3_options) == []
+    for name in ("00001.mp4", "00000.mp4"):
+        write_bytes(f"s3://{bucket}/segments/{name}", b"x", s3_options)
+    assert list_names(f"s3://{bucket}/segments", s3_options) == ["00000.mp4", "00001.mp4"]

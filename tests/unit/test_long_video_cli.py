@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
 import time
 
-import pytest
 import yaml
 
 from jobs.cli import main
@@ -49,33 +46,6 @@ def test_an_unwritable_out_fails_in_one_line_before_loading(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("long-video: error: out ") and len(err.strip().splitlines()) == 1, err
     assert time.monotonic() - started < 10
-
-
-@pytest.fixture
-def silent_endpoint():
-    """A TCP server that accepts connections and never answers (an S3 endpoint that hangs)."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join(2)
-    for conn in held:
-        conn.close()
-    server.close()
 
 
 def test_a_silent_s3_endpoint_fails_fast_in_one_line_without_credentials(tmp_path, capsys, silent_endpoint):

@@ -259,3 +259,12 @@ def test_safe_message_removes_secrets_and_extra_lines(monkeypatch):
     assert message.startswith("bad request *** *** *** x")
     assert len(message) <= storage.MESSAGE_MAX_CHARS and "\n" not in message
     assert storage.safe_message(TimeoutError()) == "TimeoutError"
+
+
+def test_list_names_lists_a_folder_once_and_a_missing_one_is_empty(tmp_path):
+    from jobs.storage import list_names, write_bytes
+
+    assert list_names(str(tmp_path / "absent")) == []
+    for name in ("b.mp4", "a.mp4"):
+        write_bytes(str(tmp_path / "segs" / name), b"x")
+    assert list_names(str(tmp_path / "segs")) == ["a.mp4", "b.mp4"]
