@@ -57,6 +57,9 @@ def generate(spec: JobSpec, stats_path: str | None = None, latents_path: str | N
     from jobs.runner import Progress, VideoRun, dumps_stats, open_sampler, summary_stats
     from jobs.setup import check_memory, describe, load
 
+    from jobs.long_video import check_one_video
+
+    check_one_video(spec)
     plan = describe(spec)
     if accel_method not in (None, "none", plan.accel.method):
         raise SpecError(f"--accel {accel_method} disagrees with --accel-config {short(spec.accel)} "

@@ -54,10 +54,15 @@ def spec_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = N
     return JobSpec.from_mapping(values, where="flags")
 
 
-def check_long_video(spec: JobSpec) -> None:
+def check_one_video(spec: JobSpec) -> None:
+    """One video runs on one replica: its segments depend on each other."""
     if spec.replicas > 1:
         raise SpecError(f"spec field 'replicas': {spec.replicas}; one video's segments depend on each other, "
                         f"so more replicas cannot speed it up: use replicas: 1 (or the dataset job for many videos)")
+
+
+def check_long_video(spec: JobSpec) -> None:
+    check_one_video(spec)
     if spec.out.endswith(".mp4"):
         raise SpecError(f"spec field 'out': {spec.out!r} names a file; the long-video job writes a folder "
                         f"(segments/, checkpoint/, video.mp4, stats.json), e.g. out: runs/video-1")

@@ -47,6 +47,7 @@ def test_same_seed_same_latents(tmp_path):
     (["--out", "x.avi"], ".mp4"),
     (["--accel-config", "/nonexistent.json"], "'accel': '/nonexistent.json': no such file"),
     (["--stages", "2"], "need backend 'ray'"),
+    (["--backend", "ray", "--replicas", "2"], "more replicas cannot speed it up"),
     (["--stats", "/proc/no/such/stats.json"], "--stats /proc/no/such: No such file or directory"),
     (["--guidance", "inf"], "spec field 'guidance': inf is not a finite number"),
     (["--guidance", "nan"], "spec field 'guidance': nan is not a finite number"),
