@@ -358,16 +358,20 @@ class LoadedVideo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load(plan: VideoPlan) -> LoadedVideo:
+def load(plan: VideoPlan, models: dict[str, Any] | None = None) -> LoadedVideo:
+    """The heavy half of a plan. `models` (source -> loaded weights) lets a worker that makes
+    many videos load each model once; the text, prefix and decoder are per video."""
     if plan.kind == "procedural":
-        return _load_procedural(plan)
-    return _load_skyreels(plan)
+        return _load_procedural(plan, models if models is not None else {})
+    return _load_skyreels(plan, models if models is not None else {})
 
 
-def _load_procedural(plan: VideoPlan) -> LoadedVideo:
+def _load_procedural(plan: VideoPlan, models: dict[str, Any]) -> LoadedVideo:
     from pipelines.procedural.bundle import check_prompt, load_bundle
 
-    bundle = load_bundle(plan.source)
+    if plan.source not in models:
+        models[plan.source] = load_bundle(plan.source)
+    bundle = models[plan.source]
     spec = plan.spec
     check_prompt(bundle, spec.prompt)
     if spec.negative_prompt:
@@ -381,17 +385,19 @@ def _load_procedural(plan: VideoPlan) -> LoadedVideo:
                        {"decode": "procedural codec"})
 
 
-def _load_skyreels(plan: VideoPlan) -> LoadedVideo:
+def _load_skyreels(plan: VideoPlan, models: dict[str, Any]) -> LoadedVideo:
     from pipelines.skyreels_v2.checkpoint import load_transformer
     from pipelines.skyreels_v2.model import WanDFTransformer
     from pipelines.skyreels_v2.sizes import config_for
 
     spec = plan.spec
-    if plan.kind == "tiny":
-        torch.manual_seed(0)   # seeded random weights: the same "model" every run
-        model = WanDFTransformer(config_for("tiny")).eval()
-    else:
-        model = load_transformer(plan.source).eval()
+    if plan.source not in models:
+        if plan.kind == "tiny":
+            torch.manual_seed(0)   # seeded random weights: the same "model" every run
+            models[plan.source] = WanDFTransformer(config_for("tiny")).eval()
+        else:
+            models[plan.source] = load_transformer(plan.source).eval()
+    model = models[plan.source]
     context, negative = _load_context(spec, model.config.text_len, model.config.text_dim)
     decoder = FrameDecoder(latent_preview, plan.frames, skip=0,
                            temporal=WAN_TEMPORAL, kind="latent preview (no VAE yet)")
