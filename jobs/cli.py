@@ -34,6 +34,16 @@ def _add_long_video(sub: argparse._SubParsersAction) -> None:
     build_parser(p)
 
 
+def _add_dataset(sub: argparse._SubParsersAction) -> None:
+    from jobs.dataset import build_parser
+
+    p = sub.add_parser("dataset", help="a manifest of prompts -> videos + a metadata table, on Ray Data "
+                       "(also: ray job submit -- python -m jobs.dataset ...)",
+                       description="Generate one video per manifest row (Parquet, JSONL or CSV) into an output "
+                                   "folder with a metadata table; exactly once, resumable.")
+    build_parser(p)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="speed-quality bench of every acceleration method on the procedural model")
     p.add_argument("target", nargs="?", default="accel", choices=["accel", "cluster"],
@@ -115,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_long_video(sub)
+    _add_dataset(sub)
     _add_bench(sub)
     _add_calibrate(sub)
     _add_train(sub)
@@ -127,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from jobs.generate import run_generate
             run_generate(args)
+        elif args.command == "dataset":
+            from jobs.dataset import run_cli as run_dataset_cli
+            return run_dataset_cli(args)
         elif args.command == "long-video":
             from jobs.long_video import run_cli
             return run_cli(args)

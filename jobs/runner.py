@@ -292,6 +292,33 @@ class VideoRun:
             self.checkpoints.save(state)
 
 
+def run_batch(runs: list[VideoRun], pipeline: Any) -> list[RunSummary]:
+    """B videos of one shape (same schedule, segments and latent geometry), each segment
+    denoised for all of them in one forward pass per model call
+    (`DFPipeline.sample_segment_batch`); every video keeps its own draws, text, prefix, writer
+    and totals. No checkpoints: a batch is the dataset job's unit, committed per video."""
+    first = runs[0].plan
+    for run in runs[1:]:
+        if (run.plan.segments, run.plan.args, run.plan.latent_size) != (first.segments, first.args, first.latent_size):
+            raise ValueError("run_batch needs videos of one shape (segments, schedule, latent size)")
+    started = time.perf_counter()
+    states = [RunState(fingerprint=run.fingerprint, prefix=run.loaded.reference) for run in runs]
+    with torch.no_grad():
+        for segment in first.segments:
+            planned = [run._plan_segment(segment, state) for run, state in zip(runs, states)]
+            infos = pipeline.sample_segment_batch(
+                [p[0] for p in planned], [r.loaded.context for r in runs], [r.loaded.negative for r in runs],
+                first.args, plan=segment, prefixes=[p[1] for p in planned], eps_sources=[p[2] for p in planned],
+                request_ids=[f"{r.fingerprint[:12]}/seg{segment.index}" for r in runs])
+            for run, state, info in zip(runs, states, infos):
+                if not torch.isfinite(info.latents).all():
+                    raise RunFault(f"segment {segment.index}: the model produced NaN or inf latents")
+                first_latent, new = run._commit(segment, info, state)
+                run._write(segment.index, run.loaded.decoder.decode(new, first_latent), state)
+    wall = time.perf_counter() - started
+    return [RunSummary(state, wall, len(first.segments), 0) for state in states]
+
+
 def _without_trace(stats: RequestStats) -> RequestStats:
     stats.trace = []
     stats.mag_ratios = {}

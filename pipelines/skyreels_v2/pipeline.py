@@ -312,33 +312,66 @@ class DFPipeline:
                        on_row: Callable[[RowRecord], None] | None = None) -> SegmentInfo:
         """Sample one segment from `noise` [C, F, H, W] (upstream's short-video loop)."""
         _check_latents("noise", noise, 4)
-        plan = plan or SegmentPlan(index=0, start=0, num_frames=noise.shape[1],
-                                   window=min(args.base_num_frames or noise.shape[1], noise.shape[1]))
+        return self._sample([noise], [context], [negative_context], args, plan=plan,
+                            prefixes=[prefix_latents], eps_sources=[addnoise_eps], request_ids=[request_id],
+                            counter=counter, on_row=on_row)[0]
+
+    @torch.no_grad()
+    def sample_segment_batch(self, noises: Sequence[torch.Tensor], contexts: Sequence[torch.Tensor],
+                             negative_contexts: Sequence[torch.Tensor | None], args: ScheduleArgs, *,
+                             plan: SegmentPlan, prefixes: Sequence[torch.Tensor | None],
+                             eps_sources: Sequence[Any], request_ids: Sequence[str]) -> list[SegmentInfo]:
+        """The same segment of B videos of one shape, denoised together: every model call runs
+        the B windows in one forward pass, each video with its own noise, text, prefix and
+        prefix-noise source. Every per-video quantity is computed per sample (the solvers are
+        elementwise, attention is per sample), so a video's latents do not depend on what it
+        is batched with (tested). Without an accelerator: its decisions are per video."""
+        if self.accel is not None and len(noises) > 1:
+            raise ValueError("batched sampling runs without an accelerator (each video's decisions would "
+                             "differ within one call); use batch size 1 with accel")
+        lists = (contexts, negative_contexts, prefixes, eps_sources, request_ids)
+        if any(len(v) != len(noises) for v in lists):
+            raise ValueError(f"sample_segment_batch needs one context, negative, prefix, prefix-noise source "
+                             f"and request id per video; got {len(noises)} noises and {[len(v) for v in lists]}")
+        for i, n in enumerate(noises):
+            _check_latents(f"noises[{i}]", n, 4)
+        return self._sample(list(noises), list(contexts), list(negative_contexts), args, plan=plan,
+                            prefixes=list(prefixes), eps_sources=list(eps_sources), request_ids=list(request_ids))
+
+    def _sample(self, noises: list[torch.Tensor], contexts: list[torch.Tensor],
+                negatives: list[torch.Tensor | None], args: ScheduleArgs, *, plan: SegmentPlan | None,
+                prefixes: list[torch.Tensor | None], eps_sources: list[Any], request_ids: list[str],
+                counter: _RowCounter | None = None,
+                on_row: Callable[[RowRecord], None] | None = None) -> list[SegmentInfo]:
+        """The segment loop over B videos at once (latents [B, C, F, H, W]); B = 1 is upstream's."""
+        first = noises[0]
+        if any(n.shape != first.shape for n in noises):
+            raise ValueError(f"a batch needs noises of one shape; got {[tuple(n.shape) for n in noises]}")
+        plan = plan or SegmentPlan(index=0, start=0, num_frames=first.shape[1],
+                                   window=min(args.base_num_frames or first.shape[1], first.shape[1]))
         cfg = args.guidance_scale > 1
-        if cfg and negative_context is None:
+        if cfg and any(n is None for n in negatives):
             raise ValueError(f"guidance_scale {args.guidance_scale} > 1 runs CFG and needs "
                              f"negative_context; pass it or set guidance_scale <= 1")
-        device = noise.device
-        context = context.to(device, self.dtype)
-        negative_context = negative_context.to(device, self.dtype) if cfg else None
+        if on_row is not None and len(noises) > 1:
+            raise ValueError("on_row traces one video; sample it alone")
+        device = first.device
+        context = torch.cat([c.to(device, self.dtype) for c in contexts])                  # [B, L, D]
+        negative_context = torch.cat([n.to(device, self.dtype) for n in negatives]) if cfg else None
 
-        # 1. latents, prefix, schedule, one solver per frame
-        latents = noise.to(self.dtype).clone()
-        num_prefix = 0
-        if prefix_latents is not None and prefix_latents.shape[1] > 0:
-            _check_prefix(prefix_latents, latents)
-            num_prefix = prefix_latents.shape[1]
-            latents[:, :num_prefix] = prefix_latents.to(latents)
+        # 1. latents, prefix, schedule, one solver per frame (elementwise: it serves the batch)
+        latents = torch.stack([n.to(self.dtype) for n in noises]).clone()                 # [B, C, F, H, W]
+        num_prefix = _place_prefixes(latents, prefixes)
         matrix = self._matrix(args, plan, num_prefix)
-        if matrix.num_frames < latents.shape[1]:
-            warnings.warn(f"{latents.shape[1] - matrix.num_frames} trailing latent frame(s) do not fill "
+        if matrix.num_frames < latents.shape[2]:
+            warnings.warn(f"{latents.shape[2] - matrix.num_frames} trailing latent frame(s) do not fill "
                           f"a causal block of {args.causal_block_size} and stay noise (as upstream)",
-                          stacklevel=2)
+                          stacklevel=3)
         flow = make_flow_schedule(args.num_steps, args.shift)
         solvers = [FlowUniPCSolver(flow, alias_first_sample=self.faithful_aliasing)
-                   for _ in range(latents.shape[1])]
-        info = SegmentInfo(plan=plan, num_prefix=num_prefix, matrix=matrix, latents=latents,
-                           request_id=request_id)
+                   for _ in range(latents.shape[2])]
+        infos = [SegmentInfo(plan=plan, num_prefix=num_prefix, matrix=matrix, latents=latents[b],
+                             request_id=rid) for b, rid in enumerate(request_ids)]
         fps_id = [fps_embedding_id(args.fps)]
         noised_rows = 0
 
@@ -347,16 +380,17 @@ class DFPipeline:
             start, end = matrix.interval(row)
             t = matrix.step_matrix[row, start:end].clone().to(device)
             update = matrix.update_mask[row, start:end]
-            x = latents[:, start:end].clone()
+            x = latents[:, :, start:end].clone()                                          # [B, C, Fv, H, W]
             # 2. clean prefix -> slightly noised input at t = addnoise_condition
             if args.addnoise_condition > 0 and start < num_prefix:
-                eps = _draw_prefix_noise(addnoise_eps, noised_rows, x[:, :num_prefix - start], start)
-                factor = 0.001 * args.addnoise_condition
-                x[:, :num_prefix - start] = x[:, :num_prefix - start] * (1.0 - factor) + eps * factor
+                for b, source in enumerate(eps_sources):
+                    eps = _draw_prefix_noise(source, noised_rows, x[b, :, :num_prefix - start], start)
+                    factor = 0.001 * args.addnoise_condition
+                    x[b, :, :num_prefix - start] = x[b, :, :num_prefix - start] * (1.0 - factor) + eps * factor
                 t[:num_prefix - start] = args.addnoise_condition
                 noised_rows += 1
             # 3. model calls (cond, uncond) and guidance
-            calls = self._call_contexts(request_id, row, t, update, args, cfg, start, flow.timesteps)
+            calls = self._call_contexts(request_ids[0], row, t, update, args, cfg, start, flow.timesteps)
             branches = [(context, calls.get("cond"))]
             if cfg:
                 branches.append((negative_context, calls.get("uncond")))
@@ -365,26 +399,29 @@ class DFPipeline:
             velocity = v_cond
             if cfg:
                 velocity = v_uncond + args.guidance_scale * (v_cond - v_uncond)
-            info.model_calls += 2 if cfg else 1
+            for info in infos:
+                info.model_calls += 2 if cfg else 1
             # 4. step every frame this row updates
             for frame in (start + update.nonzero().flatten()).tolist():
-                latents[:, frame] = solvers[frame].step(velocity[:, frame - start],
-                                                        matrix.step_matrix[row, frame],
-                                                        latents[:, frame]).to(latents.dtype)
+                latents[:, :, frame] = solvers[frame].step(velocity[:, :, frame - start],
+                                                           matrix.step_matrix[row, frame],
+                                                           latents[:, :, frame]).to(latents.dtype)
             if latents.is_cuda:
                 torch.cuda.synchronize(latents.device)
             seconds = time.perf_counter() - row_started
-            info.row_seconds.append(seconds)
+            for info in infos:
+                info.row_seconds.append(seconds)
             if on_row is not None:
                 on_row(RowRecord(segment=plan.index, row=row, interval=(start, end), t=t,
-                                 model_input=x, v_cond=v_cond, v_uncond=v_uncond,
+                                 model_input=x[0], v_cond=v_cond[0],
+                                 v_uncond=None if v_uncond is None else v_uncond[0],
                                  update_mask=update, seconds=seconds))
             if counter is not None:
                 counter.advance()
 
         if self.accel is not None and hasattr(self.accel, "end_request"):
-            info.accel_stats = self.accel.end_request(request_id)
-        return info
+            infos[0].accel_stats = self.accel.end_request(request_ids[0])
+        return infos
 
     # ---------------------------------------------------------------------------------------
 
@@ -461,7 +498,7 @@ class DFPipeline:
         for ctx, call in branches:
             scope = nullcontext() if call is None else self.accel.call(call)
             with scope:
-                pending.append(submit(x[None], t=t[None], **self._model_kwargs(ctx, fps_id, args)))
+                pending.append(submit(x, t=t[None].expand(x.shape[0], -1), **self._model_kwargs(ctx, fps_id, args)))
         return [self._check_output(p.result(), x) for p in pending]
 
     @staticmethod
@@ -473,19 +510,19 @@ class DFPipeline:
 
     def _run_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                    fps_id: list[int], args: ScheduleArgs, call_context: Any) -> torch.Tensor:
-        """One model call on the window x [C, Fv, H, W] -> velocity [C, Fv, H, W]."""
+        """One model call on the windows x [B, C, Fv, H, W] -> velocity [B, C, Fv, H, W]."""
         kwargs = self._model_kwargs(context, fps_id, args)
         scope = nullcontext() if call_context is None else self.accel.call(call_context)
         with scope:
-            out = self.model(x[None], t=t[None], **kwargs)
+            out = self.model(x, t=t[None].expand(x.shape[0], -1), **kwargs)
         return self._check_output(out, x)
 
     @staticmethod
     def _check_output(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if out.shape[1:] != x.shape:
-            raise ValueError(f"model returned {tuple(out.shape)} for input {tuple(x[None].shape)}; "
+        if out.shape != x.shape:
+            raise ValueError(f"model returned {tuple(out.shape)} for input {tuple(x.shape)}; "
                              f"expected the input's shape")
-        return out[0]
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,6 +597,19 @@ def _check_latents(name: str, tensor: torch.Tensor, dims: int) -> None:
     if not isinstance(tensor, torch.Tensor) or tensor.dim() != dims:
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(f"{name} must be a [C, F, H, W] latent tensor (batch 1, no batch dim); got {shape}")
+
+
+def _place_prefixes(latents: torch.Tensor, prefixes: list[torch.Tensor | None]) -> int:
+    """Write each video's clean prefix into its latents [B, C, F, H, W]; all must have one length."""
+    lengths = {0 if p is None else p.shape[1] for p in prefixes}
+    if len(lengths) != 1:
+        raise ValueError(f"a batch needs prefixes of one length; got {sorted(lengths)}")
+    num_prefix = lengths.pop()
+    for b, prefix in enumerate(prefixes):
+        if prefix is not None and num_prefix > 0:
+            _check_prefix(prefix, latents[b])
+            latents[b, :, :num_prefix] = prefix.to(latents)
+    return num_prefix
 
 
 def _check_prefix(prefix: torch.Tensor, latents: torch.Tensor) -> None:

@@ -1,0 +1,399 @@
+"""The dataset job: a manifest of prompts -> one video per row and a metadata table, on Ray Data.
+
+    ray job submit --working-dir . -- python -m jobs.dataset --manifest prompts.parquet \\
+        --out s3://bucket/run --spec defaults.yaml
+    scope dataset --manifest prompts.jsonl --out runs/ds-1           # the same job, local Ray
+
+Layout under `out`:
+    job.json                       the base spec (credentials redacted)
+    videos/<key>.mp4               one per good row; <key> = `safe_key(id)` (never leaves out)
+    rows/<key>.json                one record per row, good or bad, written AFTER its video:
+                                   the commit marker (a row with a record is done)
+    metadata.parquet               the table of every record (id, prompt, seed, uri, frames,
+                                   duration_s, wall_s, modes, block_eval_fraction, status, error)
+
+Exactly once: a row whose record exists is never generated again, neither when the job is
+submitted again nor when Ray Data retries a batch on a restarted actor (the worker looks before
+it generates); every object is written under a unique temporary name and moved into place.
+Bad rows (see `jobs.manifest`) get a record with status "error" and never stop the others.
+
+Ray Data runs it: the manifest's work items -> `map_batches(VideoMaker, concurrency=workers)`,
+an actor pool whose actors each hold the model (loaded once per actor), with Ray Data's
+backpressure, and actor restarts plus task retries for killed workers. Each actor runs the
+segment loop (`jobs.runner.VideoRun`) with the local backend: multi-stage replicas per video
+are the long-video job's (`backend: ray`), not a Ray Data actor's (an actor cannot own a
+placement group of stage actors under Ray Data's scheduling; docs/ARCHITECTURE.md).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from typing import Any
+
+from jobs import storage
+from jobs.spec import JobSpec, SpecError, short
+
+TABLE_COLUMNS = ("id", "prompt", "seed", "uri", "frames", "duration_s", "wall_s", "modes",
+                 "block_eval_fraction", "status", "error")
+PLACEHOLDER_PROMPT = "(set per row)"
+
+
+# ------------------------------------------------------------------------------------ records
+
+def record_for(row: Any, status: str, *, uri: str | None = None, stats: dict[str, Any] | None = None,
+               error: str | None = None) -> dict[str, Any]:
+    """One row of the metadata table."""
+    spec = row.spec
+    stats = stats or {}
+    return {"id": row.id, "prompt": None if spec is None else spec.prompt,
+            "seed": None if spec is None else spec.seed, "uri": uri,
+            "frames": stats.get("frames"), "duration_s": stats.get("duration_s"), "wall_s": stats.get("wall_s"),
+            "modes": json.dumps(stats["modes"]) if "modes" in stats else None,
+            "block_eval_fraction": stats.get("block_eval_fraction"), "status": status, "error": error}
+
+
+class Outputs:
+    """Paths and commits under `out` (one instance per process)."""
+
+    def __init__(self, out: str, options: dict[str, Any], timeout_s: float):
+        self.out, self.options, self.timeout = out.rstrip("/"), options, timeout_s
+
+    def video(self, key: str) -> str:
+        return storage.join(self.out, "videos", f"{key}.mp4")
+
+    def record(self, key: str) -> str:
+        return storage.join(self.out, "rows", f"{key}.json")
+
+    def committed_keys(self) -> set[str]:
+        return {n.removesuffix(".json") for n in storage.list_names(storage.join(self.out, "rows"),
+                                                                    self.options, self.timeout)
+                if n.endswith(".json")}
+
+    def is_committed(self, key: str) -> bool:
+        return storage.exists(self.record(key), self.options, self.timeout)
+
+    def commit_record(self, key: str, record: dict[str, Any]) -> None:
+        from jobs.runner import dumps_stats
+
+        storage.write_bytes(self.record(key), dumps_stats(record), self.options, self.timeout)
+
+    def read_record(self, key: str) -> dict[str, Any]:
+        return json.loads(storage.read_bytes(self.record(key), self.options, self.timeout))
+
+
+# ------------------------------------------------------------------------------------ the worker
+
+class VideoMaker:
+    """A Ray Data actor: holds the models, turns a batch of work items into videos + records."""
+
+    def __init__(self, out: str, options: dict[str, Any], timeout_s: float):
+        self.outputs = Outputs(out, options, timeout_s)
+        self.models: dict[str, Any] = {}
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        results: dict[str, list[Any]] = {c: [] for c in TABLE_COLUMNS}
+        results["key"], results["fresh"] = [], []
+        todo, records = [], {}
+        for key, item in zip(batch["key"], batch["item"]):
+            if self.outputs.is_committed(key):          # a retried batch: this row is done
+                records[key] = (self.outputs.read_record(key), False)
+            else:
+                todo.append((key, json.loads(item)))
+        for key, record in self.make_all(todo).items():
+            records[key] = (record, True)
+        for key in batch["key"]:
+            record, fresh = records[key]
+            for column in TABLE_COLUMNS:
+                results[column].append(record.get(column))
+            results["key"].append(key)
+            results["fresh"].append(fresh)
+        return results
+
+    def make_all(self, todo: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+        """Plan and load every row (a row that cannot be is recorded as an error); rows of one
+        shape without an accelerator are denoised together, the others one by one."""
+        from jobs.setup import describe, load
+
+        records, ready = {}, []
+        for key, item in todo:
+            row = self._row(key, item)
+            try:
+                plan = describe(row.spec)
+                ready.append((row, plan, load(plan, self.models)))
+            except (ValueError, KeyError, RuntimeError) as err:   # e.g. a prompt the model cannot take
+                records[key] = self._fail(row, err)
+        for group in _batches(ready):
+            records.update(self._make_group(group))
+        return records
+
+    def _row(self, key: str, item: dict[str, Any]) -> Any:
+        from jobs.manifest import Row
+
+        spec = JobSpec.from_mapping(item["spec"], where=f"row {item['index']}")
+        return Row(index=item["index"], id=item["id"], spec=spec, error=None, key=key)
+
+    def _fail(self, row: Any, err: BaseException) -> dict[str, Any]:
+        record = record_for(row, "error", error=f"row {row.index} (id {short(row.id, 40)}): "
+                                                f"{storage.safe_message(err)}")
+        self.outputs.commit_record(row.key, record)
+        return record
+
+    def _make_group(self, group: list[tuple[Any, Any, Any]]) -> dict[str, dict[str, Any]]:
+        """Generate a group (one video, or B of one shape), then commit each video and its record."""
+        from jobs.outputs import VideoFolder
+        from jobs.runner import VideoRun, open_sampler, run_batch, summary_stats
+        from pipelines.skyreels_v2.pipeline import DFPipeline
+
+        works = [tempfile.TemporaryDirectory(prefix="scope-dataset-") for _ in group]
+        try:
+            folders = [VideoFolder(replace(row.spec, storage_options={}), plan.fps, out=work.name)
+                       for (row, plan, _), work in zip(group, works)]
+            try:
+                if len(group) == 1:
+                    row, plan, loaded = group[0]
+                    with open_sampler(plan, loaded) as sampler:
+                        summaries = [VideoRun(plan, loaded, sampler, folders[0], None).run()]
+                else:
+                    video_runs = [VideoRun(plan, loaded, None, folder, None)
+                                  for (row, plan, loaded), folder in zip(group, folders)]
+                    summaries = run_batch(video_runs, DFPipeline(group[0][2].model))
+            except (ValueError, KeyError, RuntimeError) as err:
+                return {row.key: self._fail(row, err) for row, _, _ in group}
+            records = {}
+            for (row, plan, _), folder, work, summary in zip(group, folders, works, summaries):
+                local = os.path.join(work.name, "video.mp4")
+                folder.assemble(len(plan.segments), target=local)
+                uri = self.outputs.video(row.key)
+                storage.put_file(local, uri, self.outputs.options, self.outputs.timeout)
+                record = record_for(row, "done", uri=uri, stats=summary_stats(plan, summary))
+                self.outputs.commit_record(row.key, record)       # the commit marker, last
+                records[row.key] = record
+            return records
+        finally:
+            for work in works:
+                work.cleanup()
+
+
+def _batches(ready: list[tuple[Any, Any, Any]]) -> list[list[tuple[Any, Any, Any]]]:
+    """Rows that can share forward passes: no accelerator (its decisions are per video), the same
+    model, schedule, segments and latent size. Everything else runs alone."""
+    groups: dict[Any, list] = {}
+    singles = []
+    for entry in ready:
+        _, plan, _ = entry
+        if plan.accel.method != "none":
+            singles.append([entry])
+            continue
+        shape = (plan.source, repr(plan.args), repr(plan.segments), plan.latent_size, plan.channels)
+        groups.setdefault(shape, []).append(entry)
+    return list(groups.values()) + singles
+
+
+# ------------------------------------------------------------------------------------ the driver
+
+def run_dataset(manifest: str, out: str, base: JobSpec, *, workers: int = 1, batch_size: int = 1,
+                progress: bool = True) -> dict[str, Any]:
+    """Read and check the manifest, record bad rows, generate the rest on Ray Data, write the
+    table. Returns a summary (rows, done, failed, skipped, videos/s)."""
+    from jobs.manifest import plan_rows, read_manifest
+
+    started = time.perf_counter()
+    rows = [_with_key(r) for r in plan_rows(read_manifest(manifest, base.storage_options,
+                                                          base.storage_timeout_s), base)]
+    storage.check_writable(out, base.storage_options, base.storage_timeout_s, what="out")
+    outputs = Outputs(out, base.storage_options, base.storage_timeout_s)
+    _claim(outputs, base, manifest)
+    committed = outputs.committed_keys()
+    todo = [r for r in rows if r.key not in committed]
+    bad = [r for r in todo if r.error is not None]
+    for row in bad:                                       # bad rows: a record now, never generated
+        outputs.commit_record(row.key, record_for(row, "error", error=row.error))
+    good = [r for r in todo if r.error is None]
+    _say(f"dataset: {len(rows)} rows in {manifest}: {len(committed)} already done, {len(bad)} bad, "
+         f"{len(good)} to generate with {workers} worker(s) -> {out}")
+    made = _generate_on_ray_data(good, outputs, workers, batch_size, progress, started) if good else 0
+    wrote_table = _write_table(outputs, rows, fresh=bool(good or bad))
+    elapsed = time.perf_counter() - started
+    summary = {"rows": len(rows), "already_done": len(committed & {r.key for r in rows}), "generated": made,
+               "bad_rows": len(bad), "wall_s": elapsed, "videos_per_s": made / elapsed if elapsed else 0.0,
+               "table": storage.join(outputs.out, "metadata.parquet") if wrote_table else None}
+    _say(f"dataset: done: {json.dumps(summary)}")
+    return summary
+
+
+def _with_key(row: Any) -> Any:
+    """A row without a key of its own (no usable id, or a duplicate: the id's key is the first
+    row's) gets one from its position and its error, stable across submissions of one manifest,
+    so its record is written once and never overwrites another row's."""
+    if row.key is not None:
+        return row
+    import hashlib
+
+    digest = hashlib.sha256(str(row.error).encode()).hexdigest()[:12]
+    return replace(row, key=f"invalid-row-{row.index:07d}-{digest}")
+
+
+def _claim(outputs: Outputs, base: JobSpec, manifest: str) -> None:
+    """job.json: the base spec of the first submission. A later one with another base spec is
+    refused (its rows would mix with these)."""
+    path = storage.join(outputs.out, "job.json")
+    found = storage.read_bytes(path, outputs.options, outputs.timeout)
+    mine = {"fingerprint": base.fingerprint(), "spec": base.to_dict(redacted=True), "manifest": manifest}
+    if found is None:
+        storage.write_bytes(path, json.dumps(mine, indent=1).encode(), outputs.options, outputs.timeout)
+        return
+    theirs = json.loads(found)
+    if theirs.get("fingerprint") != mine["fingerprint"]:
+        diff = "; ".join(base.differences(theirs.get("spec", {}))[:4]) or "the base spec differs"
+        raise SpecError(f"out {outputs.out} holds a dataset made with another base spec ({diff}); use the "
+                        f"same --spec or another out")
+
+
+def _generate_on_ray_data(rows: list[Any], outputs: Outputs, workers: int, batch_size: int, progress: bool,
+                          started: float) -> int:
+    import ray
+
+    from cluster.api import ensure_ray
+
+    ensure_ray()
+    items = [{"key": r.key, "item": json.dumps({"index": r.index, "id": r.id,
+                                                 "spec": _row_spec(r.spec)})} for r in rows]
+    dataset = ray.data.from_items(items).map_batches(
+        VideoMaker, fn_constructor_kwargs={"out": outputs.out, "options": outputs.options,
+                                           "timeout_s": outputs.timeout},
+        batch_size=batch_size, concurrency=workers, num_cpus=1,
+        ray_remote_args_fn=_restartable)        # a killed actor is restarted and its batch retried
+    done = failed = made = 0
+    meter = _Meter(len(rows), started, progress)
+    for result in dataset.iter_rows():
+        done += 1
+        failed += result["status"] != "done"
+        made += bool(result["fresh"]) and result["status"] == "done"
+        meter.update(done, failed)
+    return made
+
+
+def _restartable() -> dict[str, Any]:
+    """Actor options: a killed worker is restarted and the batch it held is retried there."""
+    return {"max_restarts": 3, "max_task_retries": 3}
+
+
+def _row_spec(spec: JobSpec) -> dict[str, Any]:
+    """What travels to the actors: the row's spec without storage settings (they get the job's)."""
+    values = spec.to_dict(redacted=False)
+    values["storage_options"] = {}
+    return values
+
+
+def _write_table(outputs: Outputs, rows: list[Any], fresh: bool) -> bool:
+    """metadata.parquet from every row's record, in manifest order; skipped when this run
+    committed nothing and the table exists (a re-run writes nothing)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target = storage.join(outputs.out, "metadata.parquet")
+    if not fresh and storage.exists(target, outputs.options, outputs.timeout):
+        return False
+    records, seen = [], set()
+    for row in rows:
+        if row.key in seen:
+            continue
+        seen.add(row.key)
+        records.append(outputs.read_record(row.key))
+    table = pa.Table.from_pylist(records, schema=_schema())
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(target, buffer.getvalue(), outputs.options, outputs.timeout)
+    return True
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()), ("uri", pa.string()),
+                      ("frames", pa.int64()), ("duration_s", pa.float64()), ("wall_s", pa.float64()),
+                      ("modes", pa.string()), ("block_eval_fraction", pa.float64()), ("status", pa.string()),
+                      ("error", pa.string())])
+
+
+class _Meter:
+    """Rows done / failed / total, videos/s and ETA: a line every few seconds (and at the end)."""
+
+    def __init__(self, total: int, started: float, enabled: bool, every_s: float = 5.0):
+        self.total, self.started, self.enabled, self.every_s = total, started, enabled, every_s
+        self.last = 0.0
+
+    def update(self, done: int, failed: int) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < self.every_s and done < self.total):
+            return
+        self.last = now
+        rate = done / (now - self.started) if now > self.started else 0.0
+        eta = (self.total - done) / rate if rate else float("nan")
+        _say(f"dataset: rows {done}/{self.total} done, {failed} failed, {rate:.2f} videos/s, "
+             f"ETA {'?' if eta != eta else f'{eta:.0f}s'}")
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="python -m jobs.dataset", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--manifest", required=True, help="Parquet, JSONL or CSV of rows (id, prompt, ...)")
+    parser.add_argument("--out", required=True, help="output folder (local path or fsspec URL)")
+    parser.add_argument("--spec", default=None, help="YAML base spec: every row's defaults (prompt optional)")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Data actors, each holding the model")
+    parser.add_argument("--batch-size", type=int, default=1, help="rows per actor call")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def base_spec(path: str | None, out: str) -> JobSpec:
+    """The base spec: the YAML (prompt optional: rows give it) with `out` set; default 48 frames."""
+    if path is None:
+        return JobSpec(prompt=PLACEHOLDER_PROMPT, frames=48, out=out)
+    import yaml
+
+    from jobs.spec import _read_text
+
+    try:
+        values = yaml.safe_load(_read_text(path, None)) or {}
+    except yaml.YAMLError:
+        raise SpecError(f"spec {path}: not valid YAML; fix the file") from None
+    if not isinstance(values, dict):
+        raise SpecError(f"spec {path}: must be a mapping of fields")
+    values.setdefault("prompt", PLACEHOLDER_PROMPT)
+    if "frames" not in values and "duration_s" not in values:
+        values["frames"] = 48
+    values["out"] = out
+    return JobSpec.from_mapping(values, where=f"spec {path}")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        if args.workers < 1 or args.batch_size < 1:
+            raise SpecError(f"--workers and --batch-size must be >= 1; got {args.workers}, {args.batch_size}")
+        base = base_spec(args.spec, args.out)
+        run_dataset(args.manifest, args.out, base, workers=args.workers, batch_size=args.batch_size,
+                    progress=not args.no_progress)
+    except ValueError as err:
+        print(f"dataset: error: {storage.safe_message(err)}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
