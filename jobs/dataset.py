@@ -204,8 +204,7 @@ def run_dataset(manifest: str, out: str, base: JobSpec, *, workers: int = 1, bat
     from jobs.manifest import plan_rows, read_manifest
 
     started = time.perf_counter()
-    rows = [_with_key(r) for r in plan_rows(read_manifest(manifest, base.storage_options,
-                                                          base.storage_timeout_s), base)]
+    rows = plan_rows(read_manifest(manifest, base.storage_options, base.storage_timeout_s), base)
     storage.check_writable(out, base.storage_options, base.storage_timeout_s, what="out")
     outputs = Outputs(out, base.storage_options, base.storage_timeout_s)
     _claim(outputs, base, manifest)
@@ -225,18 +224,6 @@ def run_dataset(manifest: str, out: str, base: JobSpec, *, workers: int = 1, bat
                "table": storage.join(outputs.out, "metadata.parquet") if wrote_table else None}
     _say(f"dataset: done: {json.dumps(summary)}")
     return summary
-
-
-def _with_key(row: Any) -> Any:
-    """A row without a key of its own (no usable id, or a duplicate: the id's key is the first
-    row's) gets one from its position and its error, stable across submissions of one manifest,
-    so its record is written once and never overwrites another row's."""
-    if row.key is not None:
-        return row
-    import hashlib
-
-    digest = hashlib.sha256(str(row.error).encode()).hexdigest()[:12]
-    return replace(row, key=f"invalid-row-{row.index:07d}-{digest}")
 
 
 def _claim(outputs: Outputs, base: JobSpec, manifest: str) -> None:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 PROMPTS = ["a red circle moves right", "a blue square bounces", "a green triangle stays still",
-           "a white circle moves up", "a yellow square moves left", "a purple triangle bounces"]
+           "a white circle moves up", "a yellow square moves left", "a magenta triangle bounces"]
 BAD_ROWS = [
     ({"id": "no-prompt", "prompt": ""}, "'prompt'"),
     ({"id": "bad-frames", "prompt": PROMPTS[0], "frames": "many"}, "frames"),
@@ -114,9 +114,12 @@ def finished(ray_head, s3_endpoint, bucket, tmp_path_factory):
 def test_good_and_bad_rows_every_id_once(s3_endpoint, finished):
     fs = _fs(s3_endpoint)
     table = _table(fs, finished["out"])
-    ids = [r["id"] for r in table]
-    assert len(ids) == len(set(ids)) == 6 + len(BAD_ROWS) - 1, ids     # the duplicate id is one row
-    by_id = {r["id"]: r for r in table}
+    assert len(table) == 6 + len(BAD_ROWS)                 # one record per manifest row
+    done = [r["id"] for r in table if r["status"] == "done"]
+    assert sorted(done) == [f"g{i}" for i in range(6)]      # every good id exactly once
+    duplicate = [r for r in table if r["id"] == "g0" and r["status"] == "error"]
+    assert len(duplicate) == 1 and "duplicate id 'g0'" in duplicate[0]["error"]
+    by_id = {r["id"]: r for r in table if r["status"] == "done" or r["id"] != "g0"}
     for i in range(6):
         row = by_id[f"g{i}"]
         assert row["status"] == "done" and row["frames"] == 8 and row["error"] is None, row
@@ -127,7 +130,7 @@ def test_good_and_bad_rows_every_id_once(s3_endpoint, finished):
         assert row["status"] == "error" and words in row["error"] and row["uri"] is None, row
         assert "\n" not in row["error"] and len(row["error"]) < 400
     assert len(_videos(fs, finished["out"])) == 6
-    assert re.search(r"rows \d+/6 done, \d+ failed, [\d.]+ videos/s", finished["logs"]), finished["logs"][-2000:]
+    assert re.search(r"rows \d+/7 done, 1 failed, [\d.]+ videos/s", finished["logs"]), finished["logs"][-2000:]
 
 
 def test_resubmitting_a_finished_job_writes_nothing(ray_head, s3_endpoint, finished):
