@@ -46,8 +46,10 @@ def _add_dataset(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="speed-quality bench of every acceleration method on the procedural model")
-    p.add_argument("target", nargs="?", default="accel", choices=["accel", "cluster"],
-                   help="accel: methods side by side; cluster: Ray vs in-process")
+    p.add_argument("target", nargs="?", default="accel", choices=["accel", "cluster", "batch"],
+                   help="accel: methods side by side; cluster: Ray vs in-process; batch: the dataset job's "
+                        "videos/s at batch sizes 1, 2, 4")
+    p.add_argument("--videos", type=int, default=8, help="bench batch: videos per batch size")
     p.add_argument("--methods", default=",".join(ACCEL_METHODS),
                    help="comma-separated methods (any name in scope.config.METHOD_CONFIGS)")
     p.add_argument("--prompts", type=int, default=None,
@@ -144,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "long-video":
             from jobs.long_video import run_cli
             return run_cli(args)
+        elif args.command == "bench" and args.target == "batch":
+            from jobs.bench_batch import run_bench_batch
+            run_bench_batch(args)
         elif args.command == "bench" and args.target == "cluster":
             run_cluster_bench(args)
         elif args.command == "bench":

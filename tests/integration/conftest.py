@@ -111,3 +111,41 @@ def ray_head(tmp_path_factory):
             proc.wait()
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- Ray jobs
+
+JOB_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def submit_job(head: dict, prefix: str, module: str, *args: str) -> str:
+    """`ray job submit --no-wait -- python -m MODULE ARGS` to the test head; returns its id."""
+    import uuid
+
+    job = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    subprocess.run([head["ray"], "job", "submit", "--address", head["address"], "--submission-id", job,
+                    "--no-wait", "--", sys.executable, "-m", module, *args],
+                   env=head["env"], check=True, capture_output=True, timeout=120)
+    return job
+
+
+def job_client(head: dict):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(head["address"])
+
+
+def job_status(head: dict, job: str) -> str:
+    return str(job_client(head).get_job_status(job)).split(".")[-1]
+
+
+def wait_job(head: dict, job: str, timeout: float = 400.0) -> str:
+    """The job's terminal status (SUCCEEDED, FAILED, STOPPED); fails with its logs on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = job_status(head, job)
+        if status in JOB_TERMINAL:
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} did not finish within {timeout} s:\n"
+                         f"{job_client(head).get_job_logs(job)[-3000:]}")

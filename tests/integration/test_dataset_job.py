@@ -8,17 +8,16 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 import yaml
 
+from tests.integration.conftest import job_client, submit_job, wait_job  # noqa: E402
+
 pytestmark = pytest.mark.integration
 
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 PROMPTS = ["a red circle moves right", "a blue square bounces", "a green triangle stays still",
            "a white circle moves up", "a yellow square moves left", "a magenta triangle bounces"]
 BAD_ROWS = [
@@ -57,28 +56,16 @@ def _submit(head, tmp_path, endpoint: str, manifest: str, out: str, *extra: str)
     spec = tmp_path / f"base-{uuid.uuid4().hex[:6]}.yaml"
     spec.write_text(yaml.safe_dump({"frames": 8, "steps": 2, "accel": "scope",
                                     "storage_options": {"client_kwargs": {"endpoint_url": endpoint}}}))
-    job = f"dataset-{uuid.uuid4().hex[:10]}"
-    subprocess.run([head["ray"], "job", "submit", "--address", head["address"], "--submission-id", job, "--no-wait",
-                    "--", sys.executable, "-m", "jobs.dataset", "--manifest", manifest, "--out", out,
-                    "--spec", str(spec), "--workers", "2", *extra],
-                   env=head["env"], check=True, capture_output=True, timeout=120)
-    return job
+    return submit_job(head, "dataset", "jobs.dataset", "--manifest", manifest, "--out", out,
+                      "--spec", str(spec), "--workers", "2", *extra)
 
 
 def _client(head):
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(head["address"])
+    return job_client(head)
 
 
 def _wait(head, job: str, timeout: float = 400.0) -> str:
-    client, deadline = _client(head), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = str(client.get_job_status(job)).split(".")[-1]
-        if status in TERMINAL:
-            return status
-        time.sleep(0.5)
-    raise AssertionError(f"job {job} did not finish:\n{client.get_job_logs(job)[-3000:]}")
+    return wait_job(head, job, timeout)
 
 
 def _table(fs, out: str) -> list[dict]:

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
@@ -16,12 +15,12 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.integration.conftest import RAY_TEST_ENV
+from tests.integration.conftest import JOB_TERMINAL as TERMINAL
+from tests.integration.conftest import RAY_TEST_ENV, job_client, submit_job, wait_job
 
 pytestmark = pytest.mark.integration
 
 SECRETS = (RAY_TEST_ENV["AWS_ACCESS_KEY_ID"], RAY_TEST_ENV["AWS_SECRET_ACCESS_KEY"])
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 @pytest.fixture(scope="module")
@@ -52,27 +51,15 @@ def _spec(tmp_path, s3_endpoint, out: str, **changes) -> str:
 
 
 def _submit(head, spec: str, *extra: str) -> str:
-    job = f"scope-{uuid.uuid4().hex[:10]}"
-    subprocess.run([head["ray"], "job", "submit", "--address", head["address"], "--submission-id", job,
-                    "--no-wait", "--", sys.executable, "-m", "jobs.long_video", "--spec", spec, *extra],
-                   env=head["env"], check=True, capture_output=True, timeout=120)
-    return job
+    return submit_job(head, "scope", "jobs.long_video", "--spec", spec, *extra)
 
 
 def _client(head):
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(head["address"])
+    return job_client(head)
 
 
-def _wait(head, job: str, timeout: float = 300.0) -> str:
-    client, deadline = _client(head), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = str(client.get_job_status(job)).split(".")[-1]
-        if status in TERMINAL:
-            return status
-        time.sleep(0.5)
-    raise AssertionError(f"job {job} did not finish within {timeout} s:\n{client.get_job_logs(job)[-3000:]}")
+def _wait(head, job: str, timeout: float = 400.0) -> str:
+    return wait_job(head, job, timeout)
 
 
 def _wait_for_checkpoint(head, job: str, fs, out: str, segments: int, timeout: float = 240.0) -> None:

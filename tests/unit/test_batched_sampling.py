@@ -53,3 +53,12 @@ def test_batching_with_an_accelerator_or_mixed_shapes_is_refused():
         DFPipeline(loaded.model).sample_segment_batch(
             [noise, noise[:, :-2]], [loaded.context] * 2, [loaded.negative] * 2, plan.args, plan=segment,
             prefixes=[None, None], eps_sources=[None, None], request_ids=["a", "b"])
+
+
+def test_bench_batch_reports_every_size_and_frames_do_not_move():
+    from jobs.bench_batch import bench_batch
+
+    report = bench_batch(videos=2, frames=8, sizes=(1, 2), rounds=1)
+    assert [r["batch"] for r in report["rows"]] == [1, 2]
+    for row in report["rows"]:
+        assert row["videos_per_s"] > 0 and row["max_pixel_diff_vs_b1"] <= 1, row
