@@ -310,13 +310,25 @@ def _schema():
 
 
 class _Meter:
-    """Rows done / failed / total, videos/s and ETA: a line every few seconds (and at the end)."""
+    """Rows done / failed / total, videos/s and ETA: a bar on a terminal, else (`ray job logs`)
+    a line every few seconds and at the end."""
 
     def __init__(self, total: int, started: float, enabled: bool, every_s: float = 5.0):
         self.total, self.started, self.enabled, self.every_s = total, started, enabled, every_s
         self.last = 0.0
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="dataset", unit="video")
 
     def update(self, done: int, failed: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(failed=failed)
+            self.bar.update(done - self.bar.n)
+            if done >= self.total:
+                self.bar.close()
+            return
         now = time.perf_counter()
         if not self.enabled or (now - self.last < self.every_s and done < self.total):
             return
@@ -339,15 +351,18 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--out", required=True, help="output folder (local path or fsspec URL)")
     parser.add_argument("--spec", default=None, help="YAML base spec: every row's defaults (prompt optional)")
     parser.add_argument("--workers", type=int, default=1, help="Ray Data actors, each holding the model")
-    parser.add_argument("--batch-size", type=int, default=1, help="rows per actor call")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="videos of one shape per forward pass (default: the spec's batch_size, 1)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
-def base_spec(path: str | None, out: str) -> JobSpec:
-    """The base spec: the YAML (prompt optional: rows give it) with `out` set; default 48 frames."""
+def base_spec(path: str | None, out: str, batch_size: int | None = None) -> JobSpec:
+    """The base spec: the YAML (prompt optional: rows give it) with `out` (and `--batch-size`)
+    set; default 48 frames."""
+    extra = {} if batch_size is None else {"batch_size": batch_size}
     if path is None:
-        return JobSpec(prompt=PLACEHOLDER_PROMPT, frames=48, out=out)
+        return JobSpec.from_mapping({"prompt": PLACEHOLDER_PROMPT, "frames": 48, "out": out, **extra}, where="flags")
     import yaml
 
     from jobs.spec import _read_text
@@ -362,15 +377,16 @@ def base_spec(path: str | None, out: str) -> JobSpec:
     if "frames" not in values and "duration_s" not in values:
         values["frames"] = 48
     values["out"] = out
+    values.update(extra)
     return JobSpec.from_mapping(values, where=f"spec {path}")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     try:
-        if args.workers < 1 or args.batch_size < 1:
-            raise SpecError(f"--workers and --batch-size must be >= 1; got {args.workers}, {args.batch_size}")
-        base = base_spec(args.spec, args.out)
-        run_dataset(args.manifest, args.out, base, workers=args.workers, batch_size=args.batch_size,
+        if args.workers < 1:
+            raise SpecError(f"--workers must be >= 1; got {args.workers}")
+        base = base_spec(args.spec, args.out, args.batch_size)
+        run_dataset(args.manifest, args.out, base, workers=args.workers, batch_size=base.batch_size,
                     progress=not args.no_progress)
     except ValueError as err:
         print(f"dataset: error: {storage.safe_message(err)}", file=sys.stderr, flush=True)

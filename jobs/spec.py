@@ -26,7 +26,7 @@ MAX_VIDEO_SECONDS = 24 * 3600    # one job makes at most a day of video: split l
 ACCEL_METHODS = ("none", "scope", "teacache", "flowcache", "taylorseer", "fbcache", "magcache")
 BACKENDS = ("local", "ray")
 # fields that change no output byte: a resume may differ in them
-NOT_IN_FINGERPRINT = ("out", "storage_options", "storage_timeout_s", "checkpoint_every", "replicas")
+NOT_IN_FINGERPRINT = ("out", "storage_options", "storage_timeout_s", "checkpoint_every", "replicas", "batch_size")
 
 
 class SpecError(ValueError):
@@ -133,6 +133,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "backend": _choice(BACKENDS),
     "stages": _int(1, 1024, "2"),
     "replicas": _int(1, 4096, "1"),
+    "batch_size": _int(1, 256, "4 (videos per forward pass, dataset job)"),
     "storage_options": _storage_options,
     "storage_timeout_s": _float(0.0, 3600.0, "10", open_low=True),
 }
@@ -151,6 +152,7 @@ class JobSpec:
         overrides (None = the model's default); base_frames / overlap in latent frames.
     out: a folder (local path or fsspec URL); `scope generate` also accepts an .mp4 file.
     checkpoint_every: segments between checkpoints (long-video job).
+    batch_size: videos of one shape per forward pass (dataset job; without an accelerator).
     storage_options: fsspec options for `out` (credentials: never logged nor written).
     """
 
@@ -175,6 +177,7 @@ class JobSpec:
     backend: str = "local"
     stages: int = 1
     replicas: int = 1
+    batch_size: int = 1
     storage_options: dict[str, Any] = field(default_factory=dict)
     storage_timeout_s: float = 10.0
 
