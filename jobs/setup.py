@@ -350,7 +350,7 @@ def check_memory(plan: VideoPlan, keep_latents: bool = False) -> None:
 class LoadedVideo:
     """The heavy half: weights, text embeddings, reference prefix, decoder."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module | None      # None on the driver of a Ray-backend checkpoint run
     context: torch.Tensor              # [1, L, text_dim]
     negative: torch.Tensor             # [1, L, text_dim]
     reference: torch.Tensor | None     # [C, skip, h, w] clean latents that start the video
@@ -391,14 +391,22 @@ def _load_skyreels(plan: VideoPlan, models: dict[str, Any]) -> LoadedVideo:
     from pipelines.skyreels_v2.sizes import config_for
 
     spec = plan.spec
-    if plan.source not in models:
-        if plan.kind == "tiny":
-            torch.manual_seed(0)   # seeded random weights: the same "model" every run
-            models[plan.source] = WanDFTransformer(config_for("tiny")).eval()
-        else:
-            models[plan.source] = load_transformer(plan.source).eval()
-    model = models[plan.source]
-    context, negative = _load_context(spec, model.config.text_len, model.config.text_dim)
+    if spec.backend == "ray" and plan.kind == "checkpoint":
+        # the stages hold the weights: the driver needs only the config (a 14B model would
+        # otherwise sit in the driver's memory for nothing)
+        from pipelines.skyreels_v2.parallelize import checkpoint_config
+
+        model, config = None, checkpoint_config(plan.source)
+    else:
+        if plan.source not in models:
+            if plan.kind == "tiny":
+                torch.manual_seed(0)   # seeded random weights: the same "model" every run
+                models[plan.source] = WanDFTransformer(config_for("tiny")).eval()
+            else:
+                models[plan.source] = load_transformer(plan.source).eval()
+        model = models[plan.source]
+        config = model.config
+    context, negative = _load_context(spec, config.text_len, config.text_dim)
     decoder = FrameDecoder(latent_preview, plan.frames, skip=0,
                            temporal=WAN_TEMPORAL, kind="latent preview (no VAE yet)")
     return LoadedVideo(model, context, negative, None, decoder, {"decode": "latent preview (no VAE yet)"})

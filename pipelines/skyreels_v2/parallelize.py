@@ -20,7 +20,6 @@ The model file does not change; `WanStage` only calls `embed`, `run_blocks` and 
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -308,9 +307,11 @@ class StageSpec:
 
 
 def checkpoint_config(path_or_url: str) -> WanDFConfig:
-    """The config.json of a checkpoint folder."""
+    """The config.json of a checkpoint folder (a bad one: one-line CheckpointError)."""
+    from pipelines.skyreels_v2.checkpoint import read_config
+
     fs, root = url_to_fs(path_or_url)
-    return WanDFConfig.from_dict(json.loads(fs.cat_file(f"{root.rstrip('/')}/config.json")))
+    return read_config(fs, root.rstrip("/"), f"{path_or_url.rstrip('/')}/config.json")
 
 
 def load_stage_model(spec: StageSpec, block_range: tuple[int, int] | None = None, keep_head: bool = True,

@@ -162,3 +162,22 @@ def test_the_loop_builds_no_autograd_graph():
     assert torch.is_grad_enabled()
     _run(_tiny_spec(accel="none"), MemoryFolder(), latents=parts)
     assert parts and not any(p.requires_grad or p.grad_fn is not None for p in parts)
+
+
+def test_a_ray_backend_driver_reads_a_checkpoints_config_not_its_weights(tmp_path):
+    """The stages hold the weights; the driver of a Ray-backend run only needs the config."""
+    from safetensors.torch import save_file
+
+    from pipelines.skyreels_v2.checkpoint import save_transformer
+    from pipelines.skyreels_v2.model import WanDFTransformer
+    from pipelines.skyreels_v2.sizes import config_for
+
+    save_transformer(WanDFTransformer(config_for("tiny")), str(tmp_path / "ckpt"))
+    config = config_for("tiny")
+    save_file({"context": torch.randn(config.text_len, config.text_dim)}, str(tmp_path / "ctx.safetensors"))
+    spec = JobSpec(prompt="x", frames=9, model=str(tmp_path / "ckpt"), context=str(tmp_path / "ctx.safetensors"),
+                   backend="ray", stages=2)
+    loaded = load(describe(spec))
+    assert loaded.model is None and loaded.context.shape == (1, config.text_len, config.text_dim)
+    local = load(describe(spec.with_overrides(backend="local", stages=1)))
+    assert isinstance(local.model, WanDFTransformer)
