@@ -198,7 +198,7 @@ def _batches(ready: list[tuple[Any, Any, Any]]) -> list[list[tuple[Any, Any, Any
 # ------------------------------------------------------------------------------------ the driver
 
 def run_dataset(manifest: str, out: str, base: JobSpec, *, workers: int = 1, batch_size: int = 1,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, gpus_per_worker: float | None = None) -> dict[str, Any]:
     """Read and check the manifest, record bad rows, generate the rest on Ray Data, write the
     table. Returns a summary (rows, done, failed, skipped, videos/s)."""
     from jobs.manifest import plan_rows, read_manifest
@@ -216,7 +216,8 @@ def run_dataset(manifest: str, out: str, base: JobSpec, *, workers: int = 1, bat
     good = [r for r in todo if r.error is None]
     _say(f"dataset: {len(rows)} rows in {manifest}: {len(committed)} already done, {len(bad)} bad, "
          f"{len(good)} to generate with {workers} worker(s) -> {out}")
-    made = _generate_on_ray_data(good, outputs, workers, batch_size, progress, started) if good else 0
+    made = _generate_on_ray_data(good, outputs, workers, batch_size, progress, started,
+                                 _gpus_per_worker(base, gpus_per_worker)) if good else 0
     wrote_table = _write_table(outputs, rows, fresh=bool(good or bad))
     elapsed = time.perf_counter() - started
     summary = {"rows": len(rows), "already_done": len(committed & {r.key for r in rows}), "generated": made,
@@ -242,8 +243,23 @@ def _claim(outputs: Outputs, base: JobSpec, manifest: str) -> None:
                         f"same --spec or another out")
 
 
+def _gpus_per_worker(base: JobSpec, asked: float | None) -> float:
+    """GPUs each actor reserves: as asked, else one when the cluster has GPUs and the spec's
+    device is not the CPU (each actor then runs its model on its GPU: device auto)."""
+    if asked is not None:
+        return asked
+    if base.device == "cpu":
+        return 0.0
+    import ray
+
+    from cluster.api import ensure_ray
+
+    ensure_ray()
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
 def _generate_on_ray_data(rows: list[Any], outputs: Outputs, workers: int, batch_size: int, progress: bool,
-                          started: float) -> int:
+                          started: float, gpus: float = 0.0) -> int:
     import ray
 
     from cluster.api import ensure_ray
@@ -254,7 +270,7 @@ def _generate_on_ray_data(rows: list[Any], outputs: Outputs, workers: int, batch
     dataset = ray.data.from_items(items).map_batches(
         VideoMaker, fn_constructor_kwargs={"out": outputs.out, "options": outputs.options,
                                            "timeout_s": outputs.timeout},
-        batch_size=batch_size, concurrency=workers, num_cpus=1,
+        batch_size=batch_size, concurrency=workers, num_cpus=1, num_gpus=gpus,
         ray_remote_args_fn=_restartable)        # a killed actor is restarted and its batch retried
     done = failed = made = 0
     meter = _Meter(len(rows), started, progress)
@@ -353,6 +369,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--workers", type=int, default=1, help="Ray Data actors, each holding the model")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="videos of one shape per forward pass (default: the spec's batch_size, 1)")
+    parser.add_argument("--gpus-per-worker", type=float, default=None,
+                        help="GPUs each actor reserves (default: 1 when the cluster has GPUs, else 0)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -386,8 +404,10 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.workers < 1:
             raise SpecError(f"--workers must be >= 1; got {args.workers}")
         base = base_spec(args.spec, args.out, args.batch_size)
+        if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
+            raise SpecError(f"--gpus-per-worker must be >= 0; got {args.gpus_per_worker}")
         run_dataset(args.manifest, args.out, base, workers=args.workers, batch_size=base.batch_size,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, gpus_per_worker=args.gpus_per_worker)
     except ValueError as err:
         print(f"dataset: error: {storage.safe_message(err)}", file=sys.stderr, flush=True)
         return 2

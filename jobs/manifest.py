@@ -43,7 +43,7 @@ from jobs.storage import StorageError, is_remote, read_bytes
 
 # where the outputs go and how the job runs: one value for the whole job, never per row
 JOB_LEVEL_FIELDS = ("out", "backend", "stages", "replicas", "storage_options", "storage_timeout_s",
-                    "checkpoint_every", "batch_size")
+                    "checkpoint_every", "batch_size", "device")
 ROW_FIELDS = ("id",) + tuple(f.name for f in fields(JobSpec) if f.name not in JOB_LEVEL_FIELDS)
 MAX_ID_CHARS = 256
 KEY_PREFIX_CHARS = 80

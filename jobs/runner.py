@@ -109,7 +109,7 @@ class RunState:
                 "sample_seconds": self.sample_seconds, "accel": self.accel.to_dict(),
                 "rng": {"scheme": RNG_SCHEME, "seed": seed, "next_segment": self.next_segment},
                 "accel_state": "none: every segment is its own accelerator request"}
-        tensors = {} if self.prefix is None else {"prefix": self.prefix.contiguous().float()}
+        tensors = {} if self.prefix is None else {"prefix": self.prefix.detach().cpu().contiguous().float()}
         return save(tensors, metadata={"state": json.dumps(meta, allow_nan=False)})
 
     @classmethod
@@ -242,13 +242,16 @@ class VideoRun:
         if state.fingerprint != self.fingerprint:
             raise RunFault("the checkpoint was written for another spec (fingerprint differs); use a new "
                            "out folder, or delete the old one to start over")
+        if state.prefix is not None:
+            state.prefix = state.prefix.to(self.plan.device)
         return state
 
     def _plan_segment(self, segment: SegmentPlan, state: RunState
                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Generator]:
         h, w = self.plan.latent_size
+        # drawn on the CPU whatever the device: the same seed gives the same noise everywhere
         noise = self.draws.segment_noise(segment.index, (self.plan.channels, segment.num_frames, h, w))
-        return noise, state.prefix, self.draws.prefix_noise(segment.index)
+        return noise.to(self.plan.device), state.prefix, self.draws.prefix_noise(segment.index)
 
     def _denoise(self, segment: SegmentPlan, noise: torch.Tensor, prefix: torch.Tensor | None,
                  prefix_noise: torch.Generator) -> SegmentInfo:
@@ -379,6 +382,15 @@ __all__ = ["Draws", "Progress", "RunFault", "RunState", "RunSummary", "SegmentSa
 
 # ------------------------------------------------------------------------------------ backends
 
+def _cluster_has_gpus() -> bool:
+    """device auto on the Ray backend: each stage takes a GPU when the cluster has any."""
+    from cluster.api import ensure_ray
+
+    import ray
+
+    ensure_ray()
+    return ray.cluster_resources().get("GPU", 0) > 0
+
 class open_sampler:   # noqa: N801  (used as a context manager)
     """The backend the spec names, as a context manager yielding a `SegmentSampler`:
     local = `DFPipeline` over the in-process model with the accelerator hooks attached from
@@ -395,8 +407,10 @@ class open_sampler:   # noqa: N801  (used as a context manager)
             from cluster.replica import ReplicaConfig
             from cluster.segments import RaySegmentSampler
 
+            gpus = 1.0 if self.plan.spec.device.startswith("cuda") or (
+                self.plan.spec.device == "auto" and _cluster_has_gpus()) else 0.0
             config = ReplicaConfig(model=ModelSpec(source=self.plan.source), stages=self.plan.spec.stages,
-                                   accel=self.plan.accel)
+                                   accel=self.plan.accel, gpus_per_worker=gpus)
             self._ray = RaySegmentSampler(config)
             return self._ray
         from pipelines.skyreels_v2.accel_adapter import WanStackAdapter

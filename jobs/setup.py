@@ -82,7 +82,7 @@ def latent_preview(latents: torch.Tensor, first_is_single: bool) -> np.ndarray:
     """A viewable stand-in for a VAE decode: 3 latent channels -> RGB through a fixed sigmoid
     (no whole-video statistics: segments decode alike), 4x in time, 8x in space. The video's
     first latent gives one frame, as Wan's causal VAE does."""
-    rgb = torch.sigmoid(latents[:3].float() * 0.5)                 # [3, n, h, w]
+    rgb = torch.sigmoid(latents[:3].detach().cpu().float() * 0.5)  # [3, n, h, w]
     repeats = torch.full((rgb.shape[1],), WAN_TEMPORAL, dtype=torch.long)
     if first_is_single:
         repeats[0] = 1
@@ -113,6 +113,7 @@ class VideoPlan:
     accel_source: str
     accel_mismatch: list[str] = field(default_factory=list)
     defaults: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"                # where this process runs the model (`resolve_device`)
 
     @property
     def overlap(self) -> int:
@@ -156,7 +157,22 @@ def describe(spec: JobSpec) -> VideoPlan:
     segments = plan_segments(latent_frames, args.base_num_frames, args.overlap_frames)
     accel, accel_source, mismatch = resolve_accel(spec, args, frames, source if kind == "procedural" else None)
     return VideoPlan(spec, kind, source, args, frames, fps, channels, latent_size, latent_frames, skip,
-                     temporal, segments, accel, accel_source, mismatch, defaults)
+                     temporal, segments, accel, accel_source, mismatch, defaults, resolve_device(spec))
+
+
+def resolve_device(spec: JobSpec) -> str:
+    """The spec's device for this process: auto = the first CUDA GPU when one is visible. On the
+    Ray backend the driver keeps the CPU (the stages hold the model and take the GPUs)."""
+    if spec.backend == "ray":
+        return "cpu"
+    if spec.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.device.startswith("cuda"):
+        index = int(spec.device[5:] or 0) if ":" in spec.device else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise SpecError(f"spec field 'device': {spec.device!r} but this machine shows "
+                            f"{torch.cuda.device_count()} CUDA GPU(s); use device: auto or cpu")
+    return spec.device
 
 
 def _schedule(build: Callable[..., ScheduleArgs], spec: JobSpec, defaults: dict[str, Any] | None = None
@@ -369,17 +385,20 @@ def load(plan: VideoPlan, models: dict[str, Any] | None = None) -> LoadedVideo:
 def _load_procedural(plan: VideoPlan, models: dict[str, Any]) -> LoadedVideo:
     from pipelines.procedural.bundle import check_prompt, load_bundle
 
-    if plan.source not in models:
-        models[plan.source] = load_bundle(plan.source)
-    bundle = models[plan.source]
+    key = f"{plan.source}@{plan.device}"
+    if key not in models:
+        models[key] = load_bundle(plan.source)
+        models[key].transformer.to(plan.device)
+    bundle = models[key]
     spec = plan.spec
     check_prompt(bundle, spec.prompt)
     if spec.negative_prompt:
         check_prompt(bundle, spec.negative_prompt)
     with torch.no_grad():
-        context = bundle.text_encoder([spec.prompt])
-        negative = bundle.text_encoder([spec.negative_prompt])
+        context = bundle.text_encoder([spec.prompt]).to(plan.device)
+        negative = bundle.text_encoder([spec.negative_prompt]).to(plan.device)
     reference = bundle.reference_latents(plan.args.causal_block_size)
+    reference = None if reference is None else reference.to(plan.device)
     decoder = FrameDecoder(lambda latents, _: bundle.codec.decode(latents), plan.frames, skip=plan.skip, temporal=1)
     return LoadedVideo(bundle.transformer, context, negative, reference, decoder,
                        {"decode": "procedural codec"})
@@ -398,15 +417,17 @@ def _load_skyreels(plan: VideoPlan, models: dict[str, Any]) -> LoadedVideo:
 
         model, config = None, checkpoint_config(plan.source)
     else:
-        if plan.source not in models:
+        key = f"{plan.source}@{plan.device}"
+        if key not in models:
             if plan.kind == "tiny":
                 torch.manual_seed(0)   # seeded random weights: the same "model" every run
-                models[plan.source] = WanDFTransformer(config_for("tiny")).eval()
+                models[key] = WanDFTransformer(config_for("tiny")).eval().to(plan.device)
             else:
-                models[plan.source] = load_transformer(plan.source).eval()
-        model = models[plan.source]
+                models[key] = load_transformer(plan.source, device=plan.device).eval()
+        model = models[key]
         config = model.config
     context, negative = _load_context(spec, config.text_len, config.text_dim)
+    context, negative = context.to(plan.device), negative.to(plan.device)
     decoder = FrameDecoder(latent_preview, plan.frames, skip=0,
                            temporal=WAN_TEMPORAL, kind="latent preview (no VAE yet)")
     return LoadedVideo(model, context, negative, None, decoder, {"decode": "latent preview (no VAE yet)"})

@@ -91,6 +91,14 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
     return check
 
 
+def _device(name: str, value: Any) -> str:
+    text = _text(32, "auto")(name, value)
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise SpecError(f"spec field {name!r}: {short(value)} is not a device; use auto (a GPU when one is "
+                    f"visible, else the CPU), cpu, cuda or cuda:N")
+
+
 def _accel(name: str, value: Any) -> str:
     text = _text(4096, "scope")(name, value)
     if text in ACCEL_METHODS or text.endswith(".json"):
@@ -134,6 +142,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "stages": _int(1, 1024, "2"),
     "replicas": _int(1, 4096, "1"),
     "batch_size": _int(1, 256, "4 (videos per forward pass, dataset job)"),
+    "device": _device,
     "storage_options": _storage_options,
     "storage_timeout_s": _float(0.0, 3600.0, "10", open_low=True),
 }
@@ -153,6 +162,8 @@ class JobSpec:
     out: a folder (local path or fsspec URL); `scope generate` also accepts an .mp4 file.
     checkpoint_every: segments between checkpoints (long-video job).
     batch_size: videos of one shape per forward pass (dataset job; without an accelerator).
+    device: where the model runs in this process (or in each Ray stage / dataset actor): auto =
+        a CUDA GPU when one is visible, else the CPU; cpu; cuda; cuda:N.
     storage_options: fsspec options for `out` (credentials: never logged nor written).
     """
 
@@ -178,6 +189,7 @@ class JobSpec:
     stages: int = 1
     replicas: int = 1
     batch_size: int = 1
+    device: str = "auto"
     storage_options: dict[str, Any] = field(default_factory=dict)
     storage_timeout_s: float = 10.0
 

@@ -181,3 +181,25 @@ def test_a_ray_backend_driver_reads_a_checkpoints_config_not_its_weights(tmp_pat
     assert loaded.model is None and loaded.context.shape == (1, config.text_len, config.text_dim)
     local = load(describe(spec.with_overrides(backend="local", stages=1)))
     assert isinstance(local.model, WanDFTransformer)
+
+
+def test_device_is_checked_before_anything_loads():
+    from jobs.spec import SpecError
+
+    with pytest.raises(SpecError, match="not a device"):
+        _tiny_spec(device="tpu")
+    assert describe(_tiny_spec(device="cpu")).device == "cpu"
+    if not torch.cuda.is_available():
+        assert describe(_tiny_spec()).device == "cpu"          # auto
+        with pytest.raises(SpecError, match="shows 0 CUDA GPU"):
+            describe(_tiny_spec(device="cuda"))
+    assert describe(_tiny_spec(backend="ray", stages=2)).device == "cpu"   # the stages take the GPUs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_loop_on_a_gpu_gives_the_cpu_frames():
+    on_cpu, on_gpu = MemoryFolder(), MemoryFolder()
+    _run(_tiny_spec(device="cpu"), on_cpu)
+    _run(_tiny_spec(device="cuda"), on_gpu)
+    assert np.abs(on_cpu.video().astype(int) - on_gpu.video().astype(int)).max() <= 3
