@@ -140,9 +140,10 @@ def test_a_killed_worker_actor_leaves_every_id_exactly_once(ray_head, s3_endpoin
     deadline, victim = time.monotonic() + 300, None
     while time.monotonic() < deadline and victim is None:
         done = fs.find(f"{killed_out.removeprefix('s3://')}/rows")
-        if len(done) >= 2:
+        ray_job = _client(ray_head).get_job_info(job).job_id     # this job's actors only
+        if len(done) >= 2 and ray_job:
             actors = [a for a in list_actors(address=ray_head["address"], filters=[("state", "=", "ALIVE")])
-                      if "VideoMaker" in (a.class_name or "")]
+                      if "VideoMaker" in (a.class_name or "") and a.job_id == ray_job]
             if actors:
                 victim = actors[0].pid
                 os.kill(victim, signal.SIGKILL)
