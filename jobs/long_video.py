@@ -29,7 +29,7 @@ SPEC_FLAGS = {   # CLI flag -> (spec field, type); a flag given on the command l
     "--overlap": ("overlap", int), "--fps": ("fps", int), "--out": ("out", str),
     "--checkpoint-every": ("checkpoint_every", int), "--backend": ("backend", str),
     "--stages": ("stages", int), "--replicas": ("replicas", int),
-    "--storage-timeout-s": ("storage_timeout_s", float),
+    "--storage-timeout-s": ("storage_timeout_s", float), "--device": ("device", str),
 }
 
 
