@@ -37,11 +37,18 @@ from dataclasses import replace
 from typing import Any
 
 from jobs import storage
+from jobs.runner import RunFault
+from jobs.setup import DeviceError
 from jobs.spec import JobSpec, SpecError, short
+from pipelines.skyreels_v2.checkpoint import CheckpointError
 
 TABLE_COLUMNS = ("id", "prompt", "seed", "uri", "frames", "duration_s", "wall_s", "modes",
                  "block_eval_fraction", "status", "error")
 PLACEHOLDER_PROMPT = "(set per row)"
+# row faults are recorded for the row; job faults among them are re-raised, so the job fails
+# loudly (and a later submission retries) instead of recording every row as an error
+ROW_FAULTS = (ValueError, KeyError, RunFault)
+JOB_FAULTS = (storage.StorageError, CheckpointError, DeviceError)
 
 
 # ------------------------------------------------------------------------------------ records
@@ -125,12 +132,22 @@ class VideoMaker:
             row = self._row(key, item)
             try:
                 plan = describe(row.spec)
-                ready.append((row, plan, load(plan, self.models)))
-            except (ValueError, KeyError, RuntimeError) as err:   # e.g. a prompt the model cannot take
+                ready.append((row, plan, load(plan, self._models_for(plan))))
+            except ROW_FAULTS as err:       # e.g. a prompt the model cannot take: this row's for good
+                if isinstance(err, JOB_FAULTS):
+                    raise                   # storage, a model folder, the device: retried, never recorded
                 records[key] = self._fail(row, err)
         for group in _batches(ready):
             records.update(self._make_group(group))
         return records
+
+    def _models_for(self, plan: Any) -> dict[str, Any]:
+        """One model per actor: rows naming another model replace it (a manifest that names
+        several checkpoints must not keep them all in memory)."""
+        key = f"{plan.source}@{plan.device}"
+        if key not in self.models:
+            self.models.clear()
+        return self.models
 
     def _row(self, key: str, item: dict[str, Any]) -> Any:
         from jobs.manifest import Row
@@ -147,7 +164,7 @@ class VideoMaker:
     def _make_group(self, group: list[tuple[Any, Any, Any]]) -> dict[str, dict[str, Any]]:
         """Generate a group (one video, or B of one shape), then commit each video and its record."""
         from jobs.outputs import VideoFolder
-        from jobs.runner import VideoRun, open_sampler, run_batch, summary_stats
+        from jobs.runner import VideoRun, open_sampler, run_batch, segments_with_frames, summary_stats
         from pipelines.skyreels_v2.pipeline import DFPipeline
 
         works = [tempfile.TemporaryDirectory(prefix="scope-dataset-") for _ in group]
@@ -163,12 +180,18 @@ class VideoMaker:
                     video_runs = [VideoRun(plan, loaded, None, folder, None)
                                   for (row, plan, loaded), folder in zip(group, folders)]
                     summaries = run_batch(video_runs, DFPipeline(group[0][2].model))
-            except (ValueError, KeyError, RuntimeError) as err:
+            except RunFault as err:
+                if len(group) > 1:          # one video's NaN must not fail its batch-mates: alone
+                    return {k: v for entry in group for k, v in self._make_group([entry]).items()}
+                return {group[0][0].key: self._fail(group[0][0], err)}
+            except ROW_FAULTS as err:
+                if isinstance(err, JOB_FAULTS):
+                    raise
                 return {row.key: self._fail(row, err) for row, _, _ in group}
             records = {}
             for (row, plan, _), folder, work, summary in zip(group, folders, works, summaries):
                 local = os.path.join(work.name, "video.mp4")
-                folder.assemble(len(plan.segments), target=local)
+                folder.assemble(segments_with_frames(plan), target=local)
                 uri = self.outputs.video(row.key)
                 storage.put_file(local, uri, self.outputs.options, self.outputs.timeout)
                 record = record_for(row, "done", uri=uri, stats=summary_stats(plan, summary))
@@ -204,6 +227,9 @@ def run_dataset(manifest: str, out: str, base: JobSpec, *, workers: int = 1, bat
     from jobs.manifest import plan_rows, read_manifest
 
     started = time.perf_counter()
+    if base.backend != "local" or base.stages > 1 or base.replicas > 1:
+        raise SpecError("the dataset job runs each video in one Ray Data actor: set backend: local, stages: 1, "
+                        "replicas: 1 and scale with --workers (multi-stage replicas are the long-video job's)")
     rows = plan_rows(read_manifest(manifest, base.storage_options, base.storage_timeout_s), base)
     storage.check_writable(out, base.storage_options, base.storage_timeout_s, what="out")
     outputs = Outputs(out, base.storage_options, base.storage_timeout_s)
@@ -216,8 +242,11 @@ def run_dataset(manifest: str, out: str, base: JobSpec, *, workers: int = 1, bat
     good = [r for r in todo if r.error is None]
     _say(f"dataset: {len(rows)} rows in {manifest}: {len(committed)} already done, {len(bad)} bad, "
          f"{len(good)} to generate with {workers} worker(s) -> {out}")
-    made = _generate_on_ray_data(good, outputs, workers, batch_size, progress, started,
-                                 _gpus_per_worker(base, gpus_per_worker)) if good else 0
+    gpus = _gpus_per_worker(base, gpus_per_worker) if good else 0.0
+    if good and base.device.startswith("cuda") and gpus == 0:
+        raise SpecError(f"spec field 'device': {base.device!r} but the workers reserve no GPU (the cluster "
+                        f"has none, or --gpus-per-worker 0); use device: auto or cpu")
+    made = _generate_on_ray_data(good, outputs, workers, batch_size, progress, started, gpus) if good else 0
     wrote_table = _write_table(outputs, rows, fresh=bool(good or bad))
     elapsed = time.perf_counter() - started
     summary = {"rows": len(rows), "already_done": len(committed & {r.key for r in rows}), "generated": made,

@@ -54,7 +54,7 @@ def generate(spec: JobSpec, stats_path: str | None = None, latents_path: str | N
     """Plan and check (no weights yet), load, run the segment loop into a work folder, commit
     the outputs as a set. Returns the stats."""
     from jobs.outputs import VideoFolder
-    from jobs.runner import Progress, VideoRun, dumps_stats, open_sampler, summary_stats
+    from jobs.runner import Progress, VideoRun, dumps_stats, open_sampler, segments_with_frames, summary_stats
     from jobs.setup import check_memory, describe, load
 
     from jobs.long_video import check_one_video
@@ -81,7 +81,7 @@ def generate(spec: JobSpec, stats_path: str | None = None, latents_path: str | N
                            on_latents=(lambda first, new: kept.append(new.clone())) if latents_path else None)
             summary = run.run()
         video = os.path.join(work, "video.mp4")
-        frames = folder.assemble(len(plan.segments), target=video)
+        frames = folder.assemble(segments_with_frames(plan), target=video)
         stats = summary_stats(plan, summary, {"video_frames": frames, **loaded.extra})
         staged = [(video, spec.out)]
         stats_file = os.path.join(work, "stats.json")
@@ -109,56 +109,36 @@ def _save_latents(plan: Any, parts: list[torch.Tensor], work: str) -> str:
 def commit_set(staged: list[tuple[str, str]], spec: JobSpec) -> None:
     """Move local files to their targets as a set: stage every one under a unique temporary name
     beside its target first, then move them all into place (a failure while staging leaves no
-    target touched)."""
+    target touched). Every remote step is bounded by `storage_timeout_s`."""
+    options, timeout = spec.storage_options, spec.storage_timeout_s
     moves = []
     try:
         for local, target in staged:
-            moves.append((_stage(local, target, spec), target))
+            temp = _temporary_name(target)
+            storage.put_file(local, temp, options, timeout)
+            moves.append((temp, target))
     except BaseException:
-        for temp, target in moves:
-            _discard(temp, target, spec)
+        for temp, _ in moves:
+            _discard(temp, spec)
         raise
     for temp, target in moves:
-        if storage.is_remote(target):
-            fs, path = storage.filesystem(target, spec.storage_options, spec.storage_timeout_s)
-            fs.mv(temp, path)
-        else:
-            os.replace(temp, target.removeprefix("file://"))
+        storage.move(temp, target, options, timeout)
 
 
-def _stage(local: str, target: str, spec: JobSpec) -> str:
+def _temporary_name(target: str) -> str:
+    """A unique name in the target's folder (local: hidden), never shared by two runs."""
     if storage.is_remote(target):
-        fs, path = storage.filesystem(target, spec.storage_options, spec.storage_timeout_s)
-        temp = f"{path}.partial-{uuid.uuid4().hex}"
-        fs.put_file(local, temp)
-        return temp
+        return f"{target}.partial-{uuid.uuid4().hex}"
     target = target.removeprefix("file://")
-    folder = Path(target).resolve().parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{Path(target).name}.partial-", dir=folder)
-    os.close(fd)
-    with open(local, "rb") as src, open(temp, "wb") as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
-    os.chmod(temp, _normal_mode())
-    return temp
+    folder, name = os.path.split(os.path.abspath(target))
+    return os.path.join(folder, f".{name}.partial-{uuid.uuid4().hex}")
 
 
-def _discard(temp: str, target: str, spec: JobSpec) -> None:
+def _discard(temp: str, spec: JobSpec) -> None:
     try:
-        if storage.is_remote(target):
-            fs, _ = storage.filesystem(target, spec.storage_options, spec.storage_timeout_s)
-            fs.rm(temp)
-        else:
-            os.unlink(temp)
-    except Exception:   # best effort: the temporary name never shadows a real output
+        storage.remove(temp, spec.storage_options, spec.storage_timeout_s)
+    except storage.StorageError:   # best effort: the temporary name never shadows a real output
         pass
-
-
-def _normal_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def run_generate(args: argparse.Namespace) -> None:

@@ -71,7 +71,7 @@ def check_long_video(spec: JobSpec) -> None:
 def run_long_video(spec: JobSpec, progress: bool = True) -> dict[str, Any]:
     """Plan, check, claim the folder, load, run the loop, join, write stats. Returns the stats."""
     from jobs.outputs import VideoFolder
-    from jobs.runner import Progress, VideoRun, open_sampler, summary_stats
+    from jobs.runner import Progress, VideoRun, open_sampler, segments_with_frames, summary_stats
     from jobs.setup import check_memory, describe, load
 
     check_long_video(spec)
@@ -98,7 +98,7 @@ def run_long_video(spec: JobSpec, progress: bool = True) -> dict[str, Any]:
         run = VideoRun(plan, loaded, sampler, folder, folder, checkpoint_every=spec.checkpoint_every,
                        progress=Progress(len(plan.segments), plan.frames, "long-video", enabled=progress))
         summary = run.run()
-    frames = folder.assemble(len(plan.segments))           # 5. the whole video, then stats (last)
+    frames = folder.assemble(segments_with_frames(plan))   # 5. the whole video, then stats (last)
     stats = summary_stats(plan, summary, {"video_frames": frames, "out": spec.out, "torch_threads": threads,
                                           **loaded.extra,
                                           "segments_written_this_run": summary.state.written_segments})

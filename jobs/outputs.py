@@ -88,10 +88,6 @@ class VideoFolder:
             storage.put_file(local, self.segment_path(index), self.options, self.timeout)
         self._segment_names().add(self.segment_path(index).rsplit("/", 1)[-1])
 
-    def segment_indices(self, count: int) -> list[int]:
-        """The segments that hold frames, in order (a segment may add none: the reference block)."""
-        return [i for i in range(count) if self.has_segment(i)]
-
     # -- checkpoints (CheckpointStore) -----------------------------------------------------------
     def load(self) -> RunState | None:
         where = self.path("checkpoint", "state.safetensors")
@@ -103,12 +99,17 @@ class VideoFolder:
                             self.options, self.timeout)
 
     # -- the final set ---------------------------------------------------------------------------
-    def assemble(self, segments: int, target: str | None = None) -> int:
-        """Join the segment files into one mp4 (`target`, default out/video.mp4) by stream copy,
-        reading one segment at a time; returns the frame count."""
+    def assemble(self, expected: list[int], target: str | None = None) -> int:
+        """Join the segment files `expected` (the segments that hold frames, in order) into one
+        mp4 (`target`, default out/video.mp4) by stream copy, reading one segment at a time;
+        returns the frame count. A missing one is an error, never a shorter video."""
         from jobs.video import concat_mp4
 
-        sources = [self.segment_path(i) for i in self.segment_indices(segments)]
+        missing = [i for i in expected if not self.has_segment(i)]
+        if missing:
+            raise RunFault(f"out {self.root}: segment file(s) {missing[:5]} are missing, so the video would "
+                           f"be incomplete; delete {self.path('checkpoint')} to generate them again")
+        sources = [self.segment_path(i) for i in expected]
         if not sources:
             raise RunFault(f"out {self.root}: no segment files to join; the video has no frames")
         target = target or self.path("video.mp4")

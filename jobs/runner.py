@@ -98,13 +98,15 @@ class RunState:
     rows: int = 0
     sample_seconds: float = 0.0
     written_segments: int = 0                   # segment files this run wrote (not found existing)
+    device: str = ""                            # where the model ran: another device changes float bits
     accel: RequestStats = field(default_factory=lambda: RequestStats(request="video"))
 
     def to_bytes(self, seed: int) -> bytes:
         """One safetensors blob (the prefix tensor + JSON metadata): one atomic write."""
         from safetensors.torch import save
 
-        meta = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "next_segment": self.next_segment,
+        meta = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "device": self.device,
+                "next_segment": self.next_segment,
                 "frames_done": self.frames_done, "model_calls": self.model_calls, "rows": self.rows,
                 "sample_seconds": self.sample_seconds, "accel": self.accel.to_dict(),
                 "rng": {"scheme": RNG_SCHEME, "seed": seed, "next_segment": self.next_segment},
@@ -129,7 +131,7 @@ class RunState:
         return cls(fingerprint=meta["fingerprint"], next_segment=meta["next_segment"],
                    prefix=tensors.get("prefix"), frames_done=meta["frames_done"],
                    model_calls=meta["model_calls"], rows=meta["rows"], sample_seconds=meta["sample_seconds"],
-                   accel=stats_from_dict(meta["accel"]))
+                   accel=stats_from_dict(meta["accel"]), device=meta.get("device", ""))
 
 
 def stats_from_dict(data: dict[str, Any]) -> RequestStats:
@@ -144,7 +146,9 @@ def stats_from_dict(data: dict[str, Any]) -> RequestStats:
 
     def errors(d: dict[str, Any]) -> ErrorSummary:
         summary = ErrorSummary()
-        summary.count, summary.total, summary.max = d.get("count", 0), d.get("total", 0.0), d.get("max", 0.0)
+        # to_dict gives count / mean / max: the running total is mean x count
+        summary.count, summary.max = d.get("count", 0), d.get("max", 0.0)
+        summary.total = d.get("mean", 0.0) * summary.count
         return summary
 
     return RequestStats(
@@ -238,10 +242,14 @@ class VideoRun:
     def _start(self) -> RunState:
         state = self.checkpoints.load() if self.checkpoints is not None else None
         if state is None:
-            return RunState(fingerprint=self.fingerprint, prefix=self.loaded.reference)
+            return RunState(fingerprint=self.fingerprint, prefix=self.loaded.reference, device=self.plan.device)
         if state.fingerprint != self.fingerprint:
             raise RunFault("the checkpoint was written for another spec (fingerprint differs); use a new "
                            "out folder, or delete the old one to start over")
+        if state.device and state.device.split(":")[0] != self.plan.device.split(":")[0]:
+            raise RunFault(f"the checkpoint was made on {state.device}, this run would continue on "
+                           f"{self.plan.device}: the frames would not match an uninterrupted run; set "
+                           f"device: {state.device} to resume (or use a new out folder)")
         if state.prefix is not None:
             state.prefix = state.prefix.to(self.plan.device)
         return state
@@ -326,6 +334,19 @@ def _without_trace(stats: RequestStats) -> RequestStats:
     stats.trace = []
     stats.mag_ratios = {}
     return stats
+
+
+def segments_with_frames(plan: VideoPlan) -> list[int]:
+    """The segments whose new latents hold at least one video frame (the files a video joins)."""
+    from jobs.setup import FrameDecoder
+
+    mapping = FrameDecoder(lambda latents, first: None, plan.frames, skip=plan.skip, temporal=plan.temporal)
+    found = []
+    for segment in plan.segments:
+        f0, f1 = mapping.frame_range(*plan.new_latents_of(segment))
+        if f1 > f0:
+            found.append(segment.index)
+    return found
 
 
 def summary_stats(plan: VideoPlan, summary: RunSummary, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -154,10 +154,15 @@ def describe(spec: JobSpec) -> VideoPlan:
         channels = int(model_config.get("in_dim", 16))
         latent_size = TINY_LATENT if kind == "tiny" else SKYREELS_540P_LATENT
         skip, temporal = 0, WAN_TEMPORAL
+    _check_block_multiples(args)
     segments = plan_segments(latent_frames, args.base_num_frames, args.overlap_frames)
     accel, accel_source, mismatch = resolve_accel(spec, args, frames, source if kind == "procedural" else None)
     return VideoPlan(spec, kind, source, args, frames, fps, channels, latent_size, latent_frames, skip,
                      temporal, segments, accel, accel_source, mismatch, defaults, resolve_device(spec))
+
+
+class DeviceError(SpecError):
+    """The device asked for is not on this machine (a job-level fault, never a row's)."""
 
 
 def resolve_device(spec: JobSpec) -> str:
@@ -170,9 +175,20 @@ def resolve_device(spec: JobSpec) -> str:
     if spec.device.startswith("cuda"):
         index = int(spec.device[5:] or 0) if ":" in spec.device else 0
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise SpecError(f"spec field 'device': {spec.device!r} but this machine shows "
+            raise DeviceError(f"spec field 'device': {spec.device!r} but this machine shows "
                             f"{torch.cuda.device_count()} CUDA GPU(s); use device: auto or cpu")
     return spec.device
+
+
+def _check_block_multiples(args: ScheduleArgs) -> None:
+    """Windows and overlaps must be whole causal blocks: otherwise trailing latents of a window
+    are never denoised (noise in the video) or a later segment has nothing left to generate."""
+    cbs = args.causal_block_size
+    for name, value in (("base_frames", args.base_num_frames), ("overlap", args.overlap_frames)):
+        if value is not None and value % cbs:
+            raise SpecError(f"spec field {name!r}: {value} latent frames is not a multiple of "
+                            f"causal_block_size {cbs}; use {max(cbs, value - value % cbs)} or "
+                            f"{value - value % cbs + cbs}")
 
 
 def _schedule(build: Callable[..., ScheduleArgs], spec: JobSpec, defaults: dict[str, Any] | None = None

@@ -112,7 +112,11 @@ def _storage_options(name: str, value: Any) -> dict[str, Any]:
         raise SpecError(f"spec field {name!r}: must be a mapping of fsspec options, e.g. "
                         f"{{client_kwargs: {{endpoint_url: 'http://127.0.0.1:9000'}}}}; got a "
                         f"{type(value).__name__}")
-    return json.loads(json.dumps(dict(value)))   # a plain, JSON-able copy the caller cannot mutate
+    try:
+        return json.loads(json.dumps(dict(value)))   # a plain, JSON-able copy the caller cannot mutate
+    except (TypeError, ValueError) as err:
+        raise SpecError(f"spec field {name!r}: values must be strings, numbers, booleans, lists or mappings "
+                        f"({short(str(err), 80)}); quote dates and other values") from None
 
 
 def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
@@ -262,6 +266,8 @@ class JobSpec:
 
     # -- writing ---------------------------------------------------------------------------------
     def to_dict(self, redacted: bool = True) -> dict[str, Any]:
+        """Every field; `redacted` (anything logged or written) keeps storage_options' keys and
+        hides every value: a credential can hide under any name (a connection string, a header)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         if redacted:
             values["storage_options"] = _redact(values["storage_options"])
@@ -311,14 +317,10 @@ def _read_text(path: str, storage_options: Mapping[str, Any] | None) -> str:
         raise SpecError(f"spec {path}: cannot read it ({type(err).__name__}: {short(str(err), 80)})") from None
 
 
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
-
-
 def _redact(value: Any) -> Any:
-    """A copy with every value under a credential-like key replaced by '***'."""
+    """The same structure with every leaf value replaced by '***'."""
     if isinstance(value, Mapping):
-        return {k: ("***" if any(w in str(k).lower() for w in _SECRET_WORDS) and not isinstance(v, Mapping)
-                    else _redact(v)) for k, v in value.items()}
+        return {k: _redact(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v) for v in value]
-    return value
+    return "***"

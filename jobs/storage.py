@@ -56,7 +56,8 @@ S3FS_RETRIES = 1
 
 MESSAGE_MAX_CHARS = 200
 REDACTED = "***"
-_SENSITIVE_KEY = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
+_SENSITIVE_KEY = re.compile(r"key|secret|token|pass|credential|session|auth|connection_string|sas|signature",
+                            re.IGNORECASE)
 _SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 # Shorter "secrets" would replace ordinary words in every message and protect nothing.
 _MIN_SECRET_CHARS = 4
@@ -626,6 +627,27 @@ def list_names(url: str, storage_options: dict | None = None, timeout_s: float =
             return []
 
     return _remote("list", url, storage_options, timeout_s, listing)
+
+
+def move(source: str, target: str, storage_options: dict | None = None,
+         timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Move one file/object to another name on the same storage (object stores: copy then
+    delete, so readers of `target` only ever see the whole object), bounded in time."""
+    _check_timeout(timeout_s)
+    if not is_remote(source):
+        try:
+            os.replace(_local_path(source), _local_path(target))
+        except OSError as err:
+            raise _local_failure("move", source, err, "check the paths and their permissions") from None
+        return
+    _, target_path = filesystem(target, storage_options, timeout_s)
+
+    def relocate(fs, path, watch):
+        size = fs.info(path).get("size") or 0
+        watch.progress(_transfer_allowance(timeout_s, size, MIN_COPY_BYTES_PER_S))
+        fs.mv(path, target_path)
+
+    _remote("move", source, storage_options, timeout_s, relocate, writing=True)
 
 
 def remove(url: str, storage_options: dict | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:

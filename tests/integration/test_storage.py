@@ -140,3 +140,23 @@ def test_list_names_on_s3(s3_options):
     for name in ("00001.mp4", "00000.mp4"):
         write_bytes(f"s3://{bucket}/segments/{name}", b"x", s3_options)
     assert list_names(f"s3://{bucket}/segments", s3_options) == ["00000.mp4", "00001.mp4"]
+
+
+def test_generate_commits_video_and_stats_to_s3_as_a_set(s3_options, tmp_path):
+    import json
+
+    import yaml
+
+    from jobs.cli import main
+
+    bucket = f"gen-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(**s3_options).mkdir(bucket)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"prompt": "a test", "frames": 9, "model": "tiny", "steps": 2,
+                                    "storage_options": s3_options}))
+    rc = main(["generate", "--spec", str(spec), "--out", f"s3://{bucket}/v.mp4", "--stats",
+               f"s3://{bucket}/s.json", "--no-progress"])
+    assert rc == 0
+    fs = s3fs.S3FileSystem(**s3_options, skip_instance_cache=True)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(bucket)) == ["s.json", "v.mp4"]   # no temporaries
+    assert json.loads(fs.cat_file(f"{bucket}/s.json"))["frames"] == 9

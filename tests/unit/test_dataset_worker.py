@@ -58,3 +58,35 @@ def test_rows_are_grouped_by_shape_and_accelerated_rows_run_alone():
     ready = [(None, describe(s), None) for s in specs]
     groups = _batches([(i, plan, load(plan, models)) for i, (_, plan, _) in enumerate(ready)])
     assert sorted(sorted(e[0] for e in g) for g in groups) == [[0, 1], [2], [3]]
+
+
+def test_job_level_faults_are_raised_not_recorded_and_a_nan_video_spares_its_batch(tmp_path, monkeypatch):
+    import pytest
+
+    from jobs import runner
+    from jobs.setup import DeviceError
+
+    base = JobSpec(prompt="(set per row)", frames=8, steps=2, accel="none", out=str(tmp_path))
+    rows = [{"id": "a", "prompt": "a red circle moves right"}, {"id": "b", "prompt": "a blue square bounces"}]
+    _, batch = _items(rows, base)
+    worker = VideoMaker(str(tmp_path), {}, 10.0)
+
+    def no_gpu(spec):
+        raise DeviceError("spec field 'device': 'cuda' but this machine shows 0 CUDA GPU(s)")
+
+    monkeypatch.setattr("jobs.setup.resolve_device", no_gpu)
+    with pytest.raises(DeviceError):
+        worker(batch)
+    assert not (tmp_path / "rows").exists(), "a job-level fault was recorded as row errors"
+    monkeypatch.undo()
+
+    real = runner.run_batch
+
+    def poisoned(runs, pipeline):
+        if len(runs) > 1:
+            raise runner.RunFault("segment 0: the model produced NaN or inf latents")
+        return real(runs, pipeline)
+
+    monkeypatch.setattr(runner, "run_batch", poisoned)
+    out = worker(batch)
+    assert out["status"] == ["done", "done"], out["error"]    # retried alone, each on its own

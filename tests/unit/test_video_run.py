@@ -203,3 +203,27 @@ def test_the_loop_on_a_gpu_gives_the_cpu_frames():
     _run(_tiny_spec(device="cpu"), on_cpu)
     _run(_tiny_spec(device="cuda"), on_gpu)
     assert np.abs(on_cpu.video().astype(int) - on_gpu.video().astype(int)).max() <= 3
+
+
+def test_a_checkpoint_made_on_another_device_is_refused():
+    folder = MemoryFolder(crash_after=0)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_tiny_spec(device="cpu"), folder)
+    state = folder.load()
+    assert state.device == "cpu"
+    state.device = "cuda"                 # as if the first run had a GPU
+    folder.state, folder.crash_after = state.to_bytes(seed=0), None
+    with pytest.raises(RunFault, match="made on cuda"):
+        _run(_tiny_spec(device="cpu"), folder)
+
+
+def test_resumed_totals_equal_uninterrupted_ones():
+    whole, folder = MemoryFolder(), MemoryFolder(crash_after=1)
+    _run(_tiny_spec(), whole)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_tiny_spec(), folder)
+    folder.crash_after = None
+    _run(_tiny_spec(), folder)
+    a, b = RunState.from_bytes(whole.state, "w").accel, folder.load().accel
+    assert (a.observed_error.count, a.block_evals) == (b.observed_error.count, b.block_evals)
+    assert abs(a.observed_error.mean - b.observed_error.mean) < 1e-9
