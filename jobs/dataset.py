@@ -332,12 +332,7 @@ def _write_table(outputs: Outputs, rows: list[Any], fresh: bool) -> bool:
     target = storage.join(outputs.out, "metadata.parquet")
     if not fresh and storage.exists(target, outputs.options, outputs.timeout):
         return False
-    records, seen = [], set()
-    for row in rows:
-        if row.key in seen:
-            continue
-        seen.add(row.key)
-        records.append(outputs.read_record(row.key))
+    records = [outputs.read_record(row.key) for row in rows]   # keys are unique per row (plan_rows)
     table = pa.Table.from_pylist(records, schema=_schema())
     buffer = io.BytesIO()
     pq.write_table(table, buffer)

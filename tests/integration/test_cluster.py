@@ -348,8 +348,7 @@ def test_video_run_on_ray_stages_equals_local_and_survives_a_killed_stage(ray_lo
             if self.on_write is not None:
                 self.on_write(index)
 
-    from scope.hooks import apply_accel, remove_accel
-    from pipelines.skyreels_v2.accel_adapter import WanStackAdapter
+    from scope.hooks import remove_accel
 
     local = Frames()
     accel = apply_accel(loaded.model, plan.accel, WanStackAdapter())
