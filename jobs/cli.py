@@ -50,6 +50,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="accel: methods side by side; cluster: Ray vs in-process; batch: the dataset job's "
                         "videos/s at batch sizes 1, 2, 4")
     p.add_argument("--videos", type=int, default=8, help="bench batch: videos per batch size")
+    p.add_argument("--accels", default="none,scope",
+                   help="bench batch: accelerators to measure, comma-separated (default none,scope)")
     p.add_argument("--methods", default=",".join(ACCEL_METHODS),
                    help="comma-separated methods (any name in scope.config.METHOD_CONFIGS)")
     p.add_argument("--prompts", type=int, default=None,

@@ -124,7 +124,7 @@ class VideoMaker:
 
     def make_all(self, todo: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
         """Plan and load every row (a row that cannot be is recorded as an error); rows of one
-        shape without an accelerator are denoised together, the others one by one."""
+        shape and accelerator config are denoised together, up to batch_size at a time."""
         from jobs.setup import describe, load
 
         records, ready = {}, []
@@ -165,7 +165,6 @@ class VideoMaker:
         """Generate a group (one video, or B of one shape), then commit each video and its record."""
         from jobs.outputs import VideoFolder
         from jobs.runner import VideoRun, open_sampler, run_batch, segments_with_frames, summary_stats
-        from pipelines.skyreels_v2.pipeline import DFPipeline
 
         works = [tempfile.TemporaryDirectory(prefix="scope-dataset-") for _ in group]
         try:
@@ -179,7 +178,8 @@ class VideoMaker:
                 else:
                     video_runs = [VideoRun(plan, loaded, None, folder, None)
                                   for (row, plan, loaded), folder in zip(group, folders)]
-                    summaries = run_batch(video_runs, DFPipeline(group[0][2].model))
+                    with open_sampler(group[0][1], group[0][2]) as pipeline:   # each video its own request
+                        summaries = run_batch(video_runs, pipeline)
             except RunFault as err:
                 if len(group) > 1:          # one video's NaN must not fail its batch-mates: alone
                     return {k: v for entry in group for k, v in self._make_group([entry]).items()}
@@ -204,18 +204,15 @@ class VideoMaker:
 
 
 def _batches(ready: list[tuple[Any, Any, Any]]) -> list[list[tuple[Any, Any, Any]]]:
-    """Rows that can share forward passes: no accelerator (its decisions are per video), the same
-    model, schedule, segments and latent size. Everything else runs alone."""
+    """Rows that can share forward passes: the same model, device, schedule, segments, latent
+    size and accelerator config (each video still decides on its own accelerator state)."""
     groups: dict[Any, list] = {}
-    singles = []
     for entry in ready:
         _, plan, _ = entry
-        if plan.accel.method != "none":
-            singles.append([entry])
-            continue
-        shape = (plan.source, repr(plan.args), repr(plan.segments), plan.latent_size, plan.channels)
+        shape = (plan.source, plan.device, repr(plan.args), repr(plan.segments), plan.latent_size,
+                 plan.channels, plan.accel.to_json())
         groups.setdefault(shape, []).append(entry)
-    return list(groups.values()) + singles
+    return list(groups.values())
 
 
 # ------------------------------------------------------------------------------------ the driver

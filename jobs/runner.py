@@ -306,8 +306,9 @@ class VideoRun:
 def run_batch(runs: list[VideoRun], pipeline: Any) -> list[RunSummary]:
     """B videos of one shape (same schedule, segments and latent geometry), each segment
     denoised for all of them in one forward pass per model call
-    (`DFPipeline.sample_segment_batch`); every video keeps its own draws, text, prefix, writer
-    and totals. No checkpoints: a batch is the dataset job's unit, committed per video."""
+    (`DFPipeline.sample_segment_batch`); every video keeps its own draws, text, prefix, writer,
+    totals and, with an accelerator on `pipeline`, its own accelerator request. No checkpoints:
+    a batch is the dataset job's unit, committed per video."""
     first = runs[0].plan
     for run in runs[1:]:
         if (run.plan.segments, run.plan.args, run.plan.latent_size) != (first.segments, first.args, first.latent_size):
@@ -320,7 +321,8 @@ def run_batch(runs: list[VideoRun], pipeline: Any) -> list[RunSummary]:
             infos = pipeline.sample_segment_batch(
                 [p[0] for p in planned], [r.loaded.context for r in runs], [r.loaded.negative for r in runs],
                 first.args, plan=segment, prefixes=[p[1] for p in planned], eps_sources=[p[2] for p in planned],
-                request_ids=[f"{r.fingerprint[:12]}/seg{segment.index}" for r in runs])
+                # the batch position keeps two rows of one spec apart (ids never reach the output)
+                request_ids=[f"{r.fingerprint[:12]}/seg{segment.index}/b{k}" for k, r in enumerate(runs)])
             for run, state, info in zip(runs, states, infos):
                 if not torch.isfinite(info.latents).all():
                     raise RunFault(f"segment {segment.index}: the model produced NaN or inf latents")

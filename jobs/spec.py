@@ -165,7 +165,7 @@ class JobSpec:
         overrides (None = the model's default); base_frames / overlap in latent frames.
     out: a folder (local path or fsspec URL); `scope generate` also accepts an .mp4 file.
     checkpoint_every: segments between checkpoints (long-video job).
-    batch_size: videos of one shape per forward pass (dataset job; without an accelerator).
+    batch_size: videos of one shape per forward pass (dataset job; each keeps its own accelerator state).
     device: where the model runs in this process (or in each Ray stage / dataset actor): auto =
         a CUDA GPU when one is visible, else the CPU; cpu; cuda; cuda:N.
     storage_options: fsspec options for `out` (credentials: never logged nor written).

@@ -106,22 +106,63 @@ class StageExecutor:
         self.exact_kv = config.selective == "exact"
         self.units: StateStore[UnitState] = StateStore(UnitState)
         self.last_report = ExecReport()
+        self.last_reports: list[ExecReport] = [self.last_report]
 
     # -- execute ---------------------------------------------------------------------------------
-    def execute(self, plan: CallPlan, h: torch.Tensor, inputs: Any, run_fn: RunFn) -> torch.Tensor:
-        """Output of blocks [start, end) for every token of the window: h [B, N, D] -> [B, N, D]."""
-        self._apply_releases(plan)
-        C = plan.num_chunks
-        tpc = self._tokens_per_chunk(plan, h, inputs)
-        sel = plan.selective
+    def execute(self, plan: CallPlan | Sequence[CallPlan], h: torch.Tensor, inputs: Any,
+                run_fn: RunFn) -> torch.Tensor:
+        """Output of blocks [start, end) for every token of the window: h [B, N, D] -> [B, N, D].
+
+        `plan` is one plan for every row of h, or one plan per row (B samples of a batch, each
+        its own request and state) that all run the same frames (`plan_signature` equal): the
+        selected frames of the B samples then go through the stack in one call, each sample
+        serving and capturing its own K/V and keeping its own residual history."""
+        plans = [plan] if isinstance(plan, CallPlan) else list(plan)
+        rows = self._rows_per_plan(plans, h)
+        for p in plans:
+            self._apply_releases(p)
+        first = plans[0]
+        C = first.num_chunks
+        tpc = self._tokens_per_chunk(first, h, inputs)
+        sel = first.selective
         computed: dict[int, torch.Tensor] = {}
         out_sub = None
         if sel.run:
-            out_sub, computed = self._run_subset(plan, h, inputs, run_fn, tpc)
+            out_sub, computed = self._run_subset(plans, rows, h, inputs, run_fn, tpc)
 
         # the whole window ran: write into the fresh stack output instead of a copy of h
         whole = sel.run == tuple(range(C))
         out = out_sub if whole else h.clone()
+        reports = []
+        for b, p in enumerate(plans):
+            rs = slice(b * rows, (b + 1) * rows)
+            mine = {j: c[rs] for j, c in computed.items()}
+            reports.append(self._write_outputs(p, h[rs], out[rs], mine, tpc, copy_computed=not whole))
+        self.last_reports = reports
+        self.last_report = reports[0]
+        return out
+
+    @staticmethod
+    def _rows_per_plan(plans: list[CallPlan], h: torch.Tensor) -> int:
+        if not plans:
+            raise ValueError("execute needs at least one plan")
+        if len(plans) == 1:
+            return h.shape[0]
+        if h.shape[0] != len(plans):
+            raise ValueError(f"{len(plans)} per-sample plans need hidden states with one row each, "
+                             f"got batch {h.shape[0]}")
+        signature = plan_signature(plans[0])
+        for p in plans[1:]:
+            if plan_signature(p) != signature:
+                raise ValueError(f"per-sample plans executed together must run the same frames; "
+                                 f"{p.request!r} differs from {plans[0].request!r} (group them with "
+                                 f"scope.executor.group_plans)")
+        return 1
+
+    def _write_outputs(self, plan: CallPlan, h: torch.Tensor, out: torch.Tensor,
+                       computed: dict[int, torch.Tensor], tpc: int, copy_computed: bool) -> ExecReport:
+        """Every chunk's output for one plan's rows (`out` is a view into the batch output), and
+        the residual history of its Recompute chunks; returns the measured errors."""
         wd = torch.promote_types(h.dtype, torch.float32)
         report = ExecReport()
         pending_err: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
@@ -129,12 +170,12 @@ class StageExecutor:
             sl = slice(j * tpc, (j + 1) * tpc)
             h_in = h[:, sl]
             unit = plan.unit(j)
-            if d.mode in (RECOMPUTE, SKIP) and j in computed and not whole:
+            if d.mode in (RECOMPUTE, SKIP) and j in computed and copy_computed:
                 out[:, sl] = computed[j]   # skip chunks that ran as context keep their output
             if d.mode == RECOMPUTE:
                 if j not in computed:
                     raise RuntimeError(f"chunk {j} is Recompute but its frames did not run "
-                                       f"(run={sel.run})")
+                                       f"(run={plan.selective.run})")
                 pending_err.extend(self._record(unit, d.coord, h_in, computed[j], j, report))
             elif d.mode == CACHE:
                 r_last = self._history(unit, j).residuals[-1]
@@ -150,8 +191,7 @@ class StageExecutor:
             for (j, _, _, span), (num, den) in zip(pending_err, values):
                 report.observed[j] = num / den if den > 0 else (0.0 if num == 0 else float("inf"))
                 report.observed_span[j] = span
-        self.last_report = report
-        return out
+        return report
 
     def _tokens_per_chunk(self, plan: CallPlan, h: torch.Tensor, inputs: Any) -> int:
         C, fpc = plan.num_chunks, plan.frames_per_chunk
@@ -165,34 +205,39 @@ class StageExecutor:
                              f"{frames} x {tpf}, got {tuple(h.shape)}")
         return fpc * tpf
 
-    def _run_subset(self, plan: CallPlan, h: torch.Tensor, inputs: Any, run_fn: RunFn,
+    def _run_subset(self, plans: list[CallPlan], rows: int, h: torch.Tensor, inputs: Any, run_fn: RunFn,
                     tpc: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        sel, fpc = plan.selective, plan.frames_per_chunk
+        first = plans[0]
+        sel, fpc = first.selective, first.frames_per_chunk
         pos = {j: i for i, j in enumerate(sel.run)}
-        whole = sel.run == tuple(range(plan.num_chunks))
+        whole = sel.run == tuple(range(first.num_chunks))
         if whole:
             h_sub, in_sub = h, inputs
         else:
             frames = torch.cat([torch.arange(j * fpc, (j + 1) * fpc) for j in sel.run]).to(h.device)
             h_sub = torch.cat([h[:, j * tpc:(j + 1) * tpc] for j in sel.run], dim=1)
             in_sub = self.adapter.select_frames(inputs, frames)
-        served = []
-        for j in sel.kv_served:
-            unit = self.units.get(plan.unit(j))
-            if unit is None or not unit.has_kv:
-                raise RuntimeError(f"plan serves K/V of chunk {plan.unit(j)} but blocks "
-                                   f"[{self.start}, {self.end}) hold none")
-            served.append(unit.kv)
+        # each sample serves its own K/V: one entry per chunk, the samples' entries stacked on dim 0
+        served = [kv_cat([self._served_kv(p, j) for p in plans]) for j in sel.kv_served]
         capture = [torch.arange(pos[j] * fpc, (pos[j] + 1) * fpc, device=h.device) for j in sel.kv_capture]
         out_sub, captured = run_fn(h_sub, in_sub, self.start, self.end, served, capture)
         if len(captured) != len(capture):
             raise RuntimeError(f"run_stack_kv returned {len(captured)} K/V entries for "
                                f"{len(capture)} captured chunks")
         for j, entry in zip(sel.kv_capture, captured):
-            unit = self.units.ensure(plan.unit(j))
-            unit.kv, unit.kv_offset, unit.kv_sigma = entry, plan.chunk_offset, plan.sigmas[j]
-            unit.kv_exact = self.exact_kv
+            for b, p in enumerate(plans):
+                unit = self.units.ensure(p.unit(j))
+                unit.kv = entry if len(plans) == 1 else kv_rows(entry, slice(b * rows, (b + 1) * rows))
+                unit.kv_offset, unit.kv_sigma = p.chunk_offset, p.sigmas[j]
+                unit.kv_exact = self.exact_kv
         return out_sub, {j: out_sub[:, i * tpc:(i + 1) * tpc] for j, i in pos.items()}
+
+    def _served_kv(self, plan: CallPlan, j: int) -> Any:
+        unit = self.units.get(plan.unit(j))
+        if unit is None or not unit.has_kv:
+            raise RuntimeError(f"plan serves K/V of chunk {plan.unit(j)} but blocks "
+                               f"[{self.start}, {self.end}) hold none")
+        return unit.kv
 
     # -- residual history ------------------------------------------------------------------------
     def _history(self, unit: UnitKey, j: int) -> UnitState:
@@ -303,3 +348,45 @@ def _tensor_bytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_tensor_bytes(v) for v in obj)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# batches of per-sample plans
+
+def plan_signature(plan: CallPlan) -> tuple:
+    """What decides the frames one call runs: plans with equal signatures share one stack call."""
+    sel = plan.selective
+    return (plan.num_chunks, plan.frames_per_chunk, sel.run, sel.kv_served, sel.kv_capture)
+
+
+def group_plans(plans: Sequence[CallPlan]) -> list[list[int]]:
+    """Indices of per-sample plans grouped by signature, groups in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(plans):
+        groups.setdefault(plan_signature(p), []).append(i)
+    return list(groups.values())
+
+
+def kv_cat(entries: list[Any]) -> Any:
+    """Samples' K/V entries (nested dict / list / tuple of tensors, batch on dim 0) as one."""
+    first = entries[0]
+    if len(entries) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(entries, dim=0)
+    if isinstance(first, dict):
+        return {k: kv_cat([e[k] for e in entries]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(kv_cat([e[i] for e in entries]) for i in range(len(first)))
+    raise TypeError(f"K/V entries must be tensors or dicts / lists / tuples of them, got {type(first).__name__}")
+
+
+def kv_rows(entry: Any, rows: slice) -> Any:
+    """One sample's rows of a batched K/V entry (cloned: the batch tensor is not kept alive)."""
+    if isinstance(entry, torch.Tensor):
+        return entry[rows].clone()
+    if isinstance(entry, dict):
+        return {k: kv_rows(v, rows) for k, v in entry.items()}
+    if isinstance(entry, (list, tuple)):
+        return type(entry)(kv_rows(v, rows) for v in entry)
+    raise TypeError(f"K/V entries must be tensors or dicts / lists / tuples of them, got {type(entry).__name__}")

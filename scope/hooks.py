@@ -11,7 +11,7 @@ The model file never mentions acceleration; model facts come from a small adapte
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
@@ -19,7 +19,7 @@ import torch
 
 from scope.baselines import make_policy
 from scope.config import AccelConfig
-from scope.executor import CallPlan, ExecReport, RunFn, StageExecutor, make_run_fn
+from scope.executor import CallPlan, ExecReport, RunFn, StageExecutor, group_plans, make_run_fn
 from scope.planner import FINISHED, classify_chunks, plan_selective
 from scope.scheduler import PREDICT, RECOMPUTE, SKIP, ChunkSignals, Decision
 from scope.state import CallContext
@@ -47,6 +47,9 @@ class StackAdapter(Protocol):
     `run_stack`, letting every query also attend to the `served` entries (opaque per-chunk K/V
     objects this method returned earlier for the same block range, in chunk order) and returning
     one new entry per `capture` item (a LongTensor of frame positions within `inputs`).
+    K/V entries are tensors or nested dicts / lists / tuples of tensors with the batch on dim 0.
+    Batched calls (one CallContext per row) whose samples run different frames also need
+    `select_rows(inputs, rows: LongTensor) -> inputs` (those batch rows only).
     """
 
     stack_method: str
@@ -201,13 +204,15 @@ class Accelerator:
 
     # -- call scoping ----------------------------------------------------------------------------
     @contextmanager
-    def call(self, ctx: CallContext) -> Iterator[Accelerator]:
-        """Scope one model call: the stack call inside is accelerated under `ctx`."""
-        if not isinstance(ctx, CallContext):
-            raise TypeError(f"accel.call needs a CallContext, got {type(ctx).__name__}")
+    def call(self, ctx: CallContext | Sequence[CallContext]) -> Iterator[Accelerator]:
+        """Scope one model call: the stack call inside is accelerated under `ctx`.
+
+        A sequence of contexts describes a batched call: one context per batch row, each its own
+        request (own decisions, residuals, K/V and stats), all at the same step of one schedule."""
+        ctx = _checked_contexts(ctx)
         if self._ctx is not None:
             raise RuntimeError(f"accel.call contexts do not nest (already inside "
-                               f"request={self._ctx.request!r} step={self._ctx.step})")
+                               f"{_describe(self._ctx)})")
         self._ctx, self._stack_calls = ctx, 0
         try:
             yield self
@@ -215,11 +220,12 @@ class Accelerator:
             self._ctx = None
 
     @property
-    def current(self) -> CallContext | None:
+    def current(self) -> CallContext | tuple[CallContext, ...] | None:
         return self._ctx
 
     # -- in-process: decide + execute -------------------------------------------------------------
-    def run(self, ctx: CallContext, h: torch.Tensor, inputs: Any, run_fn: RunFn) -> torch.Tensor:
+    def run(self, ctx: CallContext | tuple[CallContext, ...], h: torch.Tensor, inputs: Any,
+            run_fn: RunFn) -> torch.Tensor:
         """Accelerated stack output for one call (what the hook returns)."""
         self._stack_calls += 1
         if self._ctx is ctx and self._stack_calls > 1:
@@ -227,9 +233,39 @@ class Accelerator:
                                "twice inside one context")
         self._busy = True
         try:
-            return self._run(ctx, h, inputs, run_fn)
+            if isinstance(ctx, CallContext):
+                return self._run(ctx, h, inputs, run_fn)
+            return self._run_batch(ctx, h, inputs, run_fn)
         finally:
             self._busy = False
+
+    def _run_batch(self, contexts: tuple[CallContext, ...], h: torch.Tensor, inputs: Any,
+                   run_fn: RunFn) -> torch.Tensor:
+        """B samples in one call, each deciding on its own state: samples whose plans run the
+        same frames share one stack call (in exact selective mode that is every sample with the
+        same last Recompute chunk), so a sample's output never depends on its batch neighbours'
+        decisions."""
+        if len(contexts) != h.shape[0]:
+            raise ValueError(f"a batched call has {len(contexts)} call contexts for a batch of "
+                             f"{h.shape[0]}; pass one context per batch row")
+        probe = self.probe(inputs, h)
+        plans = [self.plan(ctx, probe=None if probe is None else probe[b:b + 1], h=h[b:b + 1])
+                 for b, ctx in enumerate(contexts)]
+        groups = group_plans(plans)
+        if len(groups) == 1:
+            out = self.executor.execute(plans, h, inputs, run_fn)
+            for p, report in zip(plans, self.executor.last_reports):
+                self.record_report(p, report)
+            return out
+        out = torch.empty_like(h)
+        for rows in groups:
+            idx = torch.tensor(rows, device=h.device)
+            part = self.executor.execute([plans[i] for i in rows], h[idx],
+                                         _select_rows(self.adapter, inputs, idx), run_fn)
+            out[idx] = part
+            for i, report in zip(rows, self.executor.last_reports):
+                self.record_report(plans[i], report)
+        return out
 
     def _run(self, ctx: CallContext, h: torch.Tensor, inputs: Any, run_fn: RunFn) -> torch.Tensor:
         """Decide, execute, record."""
@@ -411,6 +447,18 @@ class FirstBlockAccelerator(Accelerator):
     def _executed_range(self, block_range: tuple[int, int] | None) -> tuple[int, int]:
         return 1, self.num_blocks
 
+    def _run_batch(self, contexts: tuple[CallContext, ...], h: torch.Tensor, inputs: Any,
+                   run_fn: RunFn) -> torch.Tensor:
+        """Block 0 decides for the rest of the stack, per sample: samples run one at a time."""
+        if len(contexts) != h.shape[0]:
+            raise ValueError(f"a batched call has {len(contexts)} call contexts for a batch of "
+                             f"{h.shape[0]}; pass one context per batch row")
+        parts = []
+        for b, ctx in enumerate(contexts):
+            idx = torch.tensor([b], device=h.device)
+            parts.append(self._run(ctx, h[idx], _select_rows(self.adapter, inputs, idx), run_fn))
+        return torch.cat(parts)
+
     def _run(self, ctx: CallContext, h: torch.Tensor, inputs: Any, run_fn: RunFn) -> torch.Tensor:
         cfg = self.config
         behind = [k.chunk for k in self.head.units.keys(ctx.request, ctx.branch) if k.chunk < ctx.chunk_offset]
@@ -461,6 +509,44 @@ def _run_decision(ctx: CallContext, j: int, run: tuple[int, ...]) -> Decision:
     if j in run:
         return Decision(RECOMPUTE, "first-block", coord=ctx.sigmas[j])
     return Decision(SKIP, "first-block", coord=ctx.sigmas[j])
+
+
+def _checked_contexts(ctx: Any) -> CallContext | tuple[CallContext, ...]:
+    """One context, or a tuple of per-row contexts of distinct requests at one step."""
+    if isinstance(ctx, CallContext):
+        return ctx
+    if not isinstance(ctx, (list, tuple)) or not ctx:
+        raise TypeError(f"accel.call needs a CallContext or a non-empty sequence of them (one per "
+                        f"batch row), got {type(ctx).__name__}")
+    bad = [type(c).__name__ for c in ctx if not isinstance(c, CallContext)]
+    if bad:
+        raise TypeError(f"accel.call got a sequence holding {bad[0]}; every entry must be a CallContext")
+    requests = [c.request for c in ctx]
+    if len(set(requests)) != len(requests):
+        raise ValueError(f"a batched call needs one request per row; requests {requests} repeat")
+    first = ctx[0]
+    for c in ctx[1:]:
+        if (c.branch, c.step, c.frames_per_chunk, c.num_chunks) != (first.branch, first.step,
+                                                                    first.frames_per_chunk, first.num_chunks):
+            raise ValueError(f"a batched call's contexts must share branch, step and window "
+                             f"({first.branch!r}, step {first.step}, {first.num_chunks} chunks); "
+                             f"{c.request!r} has ({c.branch!r}, step {c.step}, {c.num_chunks} chunks)")
+    return tuple(ctx)
+
+
+def _describe(ctx: CallContext | tuple[CallContext, ...]) -> str:
+    if isinstance(ctx, CallContext):
+        return f"request={ctx.request!r} step={ctx.step}"
+    return f"requests={[c.request for c in ctx]} step={ctx[0].step}"
+
+
+def _select_rows(adapter: Any, inputs: Any, rows: torch.Tensor) -> Any:
+    """The stack inputs of some batch rows (the adapter knows which fields carry the batch)."""
+    select = getattr(adapter, "select_rows", None)
+    if select is None:
+        raise RuntimeError(f"{type(adapter).__name__} has no select_rows: batched accelerated calls "
+                           f"whose samples run different frames need it")
+    return select(inputs, rows)
 
 
 def _split_chunks(t: torch.Tensor, C: int, name: str) -> list[torch.Tensor]:

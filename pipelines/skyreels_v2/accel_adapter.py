@@ -43,6 +43,9 @@ class WanStackAdapter:
     def select_frames(self, inputs: BlockInputs, frames: Tensor) -> BlockInputs:
         return inputs.select_frames(frames)
 
+    def select_rows(self, inputs: BlockInputs, rows: Tensor) -> BlockInputs:
+        return inputs.select_rows(rows)
+
     def probe(self, inputs: BlockInputs, h: Tensor, kind: str = "e0") -> Tensor:
         """Indicator source per token: the modulated time projection e0 (TeaCache's ret-steps
         probe; a function of the chunk's timestep and fps) or the time embedding e: [B, N, *]."""

@@ -363,6 +363,14 @@ class BlockInputs:
                        rope=self.rope[idx], frame_index=self.frame_index[frames],
                        grid=(len(frames), self.grid[1], self.grid[2]))
 
+    def select_rows(self, rows: Tensor | list[int]) -> BlockInputs:
+        """These inputs restricted to some batch rows (samples); per-token tables are shared."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.tokens.device)
+        prefix = None if self.kv_prefix is None else {
+            layer: (k[rows.to(k.device)], v[rows.to(v.device)]) for layer, (k, v) in self.kv_prefix.items()}
+        return replace(self, tokens=self.tokens[rows], e=self.e[rows], e0=self.e0[rows],
+                       context=self.context[rows.to(self.context.device)], kv_prefix=prefix)
+
     def prefix_for(self, layer: int) -> tuple[Tensor, Tensor] | None:
         """Extra keys/values for block `layer`, if any."""
         return None if self.kv_prefix is None else self.kv_prefix.get(layer)

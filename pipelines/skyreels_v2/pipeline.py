@@ -325,10 +325,9 @@ class DFPipeline:
         the B windows in one forward pass, each video with its own noise, text, prefix and
         prefix-noise source. Every per-video quantity is computed per sample (the solvers are
         elementwise, attention is per sample), so a video's latents do not depend on what it
-        is batched with (tested). Without an accelerator: its decisions are per video."""
-        if self.accel is not None and len(noises) > 1:
-            raise ValueError("batched sampling runs without an accelerator (each video's decisions would "
-                             "differ within one call); use batch size 1 with accel")
+        is batched with (tested). With an accelerator each video is its own request (one call
+        context per row): its own decisions, residuals, K/V and stats; videos whose decisions
+        run the same frames share the forward pass."""
         lists = (contexts, negative_contexts, prefixes, eps_sources, request_ids)
         if any(len(v) != len(noises) for v in lists):
             raise ValueError(f"sample_segment_batch needs one context, negative, prefix, prefix-noise source "
@@ -390,7 +389,7 @@ class DFPipeline:
                 t[:num_prefix - start] = args.addnoise_condition
                 noised_rows += 1
             # 3. model calls (cond, uncond) and guidance
-            calls = self._call_contexts(request_ids[0], row, t, update, args, cfg, start, flow.timesteps)
+            calls = self._call_contexts(request_ids, row, t, update, args, cfg, start, flow.timesteps)
             branches = [(context, calls.get("cond"))]
             if cfg:
                 branches.append((negative_context, calls.get("uncond")))
@@ -420,7 +419,8 @@ class DFPipeline:
                 counter.advance()
 
         if self.accel is not None and hasattr(self.accel, "end_request"):
-            infos[0].accel_stats = self.accel.end_request(request_ids[0])
+            for info, rid in zip(infos, request_ids):
+                info.accel_stats = self.accel.end_request(rid)
         return infos
 
     # ---------------------------------------------------------------------------------------
@@ -467,10 +467,11 @@ class DFPipeline:
         return generate_timestep_matrix(plan.num_frames, template, plan.window, args.ar_step,
                                         num_prefix, args.causal_block_size)
 
-    def _call_contexts(self, request_id: str, row: int, t: torch.Tensor, update: torch.Tensor,
+    def _call_contexts(self, request_ids: list[str], row: int, t: torch.Tensor, update: torch.Tensor,
                        args: ScheduleArgs, cfg: bool, start: int = 0,
                        timesteps: torch.Tensor | None = None) -> dict[str, Any]:
-        """One `scope.hooks.CallContext` per branch, or nothing without an accelerator."""
+        """Per branch, one `scope.hooks.CallContext` (one video) or a tuple of them (one per
+        batch row); nothing without an accelerator."""
         if self.accel is None:
             return {}
         from scope.hooks import CallContext   # lazy: the pipeline runs without scope
@@ -481,11 +482,16 @@ class DFPipeline:
         chunk_active = update[:chunks * cbs].reshape(chunks, cbs).any(dim=1).cpu()
         chunk_sigma_next = _next_sigmas(chunk_sigma, chunk_active, timesteps)
         branches = ["cond", "uncond"] if cfg else ["cond"]
-        return {branch: CallContext(request=request_id, branch=branch, step=row,
-                                    frames_per_chunk=cbs, chunk_sigma=chunk_sigma,
-                                    chunk_active=chunk_active, causal=args.causal_attention,
-                                    chunk_sigma_next=chunk_sigma_next, chunk_offset=start // cbs)
-                for branch in branches}
+
+        def context(rid: str, branch: str) -> Any:
+            return CallContext(request=rid, branch=branch, step=row, frames_per_chunk=cbs,
+                               chunk_sigma=chunk_sigma, chunk_active=chunk_active,
+                               causal=args.causal_attention, chunk_sigma_next=chunk_sigma_next,
+                               chunk_offset=start // cbs)
+
+        if len(request_ids) == 1:
+            return {branch: context(request_ids[0], branch) for branch in branches}
+        return {branch: tuple(context(rid, branch) for rid in request_ids) for branch in branches}
 
     def _run_branches(self, x: torch.Tensor, t: torch.Tensor, branches: list[tuple[torch.Tensor, Any]],
                       fps_id: list[int], args: ScheduleArgs) -> list[torch.Tensor]:

@@ -1,5 +1,6 @@
-"""The dataset job's worker without Ray: rows of one shape batched, rows with an accelerator
-alone, a committed row never made again, a row the model cannot take recorded as an error."""
+"""The dataset job's worker without Ray: rows of one shape and accelerator batched (each video
+with its own accelerator state), a committed row never made again, a row the model cannot take
+recorded as an error."""
 from __future__ import annotations
 
 import json
@@ -48,16 +49,36 @@ def test_worker_batches_by_shape_commits_once_and_records_bad_prompts(tmp_path):
     assert np.abs(together - by_itself).max() <= 2
 
 
-def test_rows_are_grouped_by_shape_and_accelerated_rows_run_alone():
+def test_rows_are_grouped_by_shape_and_accelerator():
     base = JobSpec(prompt="(set per row)", frames=8, steps=2, accel="none")
     specs = [base.with_overrides(prompt="a red circle moves right"),
              base.with_overrides(prompt="a blue square bounces"),
              base.with_overrides(prompt="a blue square bounces", frames=16),
-             base.with_overrides(prompt="a red circle moves right", accel="scope")]
+             base.with_overrides(prompt="a red circle moves right", accel="scope"),
+             base.with_overrides(prompt="a green triangle stays still", accel="scope", seed=5),
+             base.with_overrides(prompt="a green triangle stays still", accel="teacache")]
     models: dict = {}
     ready = [(None, describe(s), None) for s in specs]
     groups = _batches([(i, plan, load(plan, models)) for i, (_, plan, _) in enumerate(ready)])
-    assert sorted(sorted(e[0] for e in g) for g in groups) == [[0, 1], [2], [3]]
+    assert sorted(sorted(e[0] for e in g) for g in groups) == [[0, 1], [2], [3, 4], [5]]
+
+
+def test_accelerated_rows_batched_together_equal_each_made_alone(tmp_path):
+    """Two SCOPE rows in one batch: each video, its modes and its compute fraction are those of
+    the row made by itself (its own decisions, not its batch-mate's)."""
+    base = JobSpec(prompt="(set per row)", frames=16, steps=8, accel="scope", out=str(tmp_path))
+    rows = [{"id": "p", "prompt": "a red circle moves right", "seed": 1},
+            {"id": "q", "prompt": "a blue square bounces", "seed": 2}]
+    planned, batch = _items(rows, base)
+    together = VideoMaker(str(tmp_path / "together"), {}, 10.0)(batch)
+    for i, key in enumerate(batch["key"]):
+        alone = VideoMaker(str(tmp_path / f"alone{i}"), {}, 10.0)({"key": [key], "item": [batch["item"][i]]})
+        assert alone["status"] == ["done"] and together["status"][i] == "done"
+        assert alone["modes"][0] == together["modes"][i]
+        assert alone["block_eval_fraction"][0] == together["block_eval_fraction"][i] < 1.0
+        a = read_video(str(tmp_path / f"alone{i}" / "videos" / f"{key}.mp4")).astype(int)
+        b = read_video(str(tmp_path / "together" / "videos" / f"{key}.mp4")).astype(int)
+        assert np.abs(a - b).max() <= 2
 
 
 def test_job_level_faults_are_raised_not_recorded_and_a_nan_video_spares_its_batch(tmp_path, monkeypatch):
