@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from jobs.quality import PSNR_CAP_DB, psnr, ssim
+from pipelines.wan.calibration import accel_defaults
 
 Log = Callable[[str], None]
 
@@ -183,7 +184,8 @@ def bench_cases(methods: Sequence[str], sweep: str = "default",
             cases.append(BenchCase(m, "defaults thr=0.12 K=2 ret=0.2", {"method": m, **mag, **SELECTIVE_EXACT},
                                    "default", "magcache defaults"))
         elif m != "none":
-            cases.append(BenchCase(m, "defaults", {"method": m, **SELECTIVE_EXACT}, "default", f"{m} defaults"))
+            cases.append(BenchCase(m, "defaults", {"method": m, **accel_defaults(m), **SELECTIVE_EXACT}, "default",
+                                   f"{m} defaults"))
     # 2. sweeps of the main knob
     for m in methods:
         if m == "scope" and sweep == "frontier":

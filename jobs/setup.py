@@ -270,6 +270,7 @@ def resolve_accel(spec: JobSpec, args: ScheduleArgs, frames: int, model_folder: 
     3. else the method's defaults, plus exact selective computation on a block-causal model
        (outputs stay equal to full compute).
     MagCache takes the schedule's step count (its ratio table is resampled to it)."""
+    from pipelines.wan.calibration import accel_defaults   # every model here is Wan-based
     from scope.config import AccelConfig, make_config
 
     schedule = schedule_dict(args, frames)
@@ -281,7 +282,7 @@ def resolve_accel(spec: JobSpec, args: ScheduleArgs, frames: int, model_folder: 
             if config is None:
                 causal = args.causal_attention and spec.accel != "none"
                 extra = {"selective": "exact", "kv_cache_finished": True} if causal else {}
-                config, source = make_config(spec.accel, **extra), "defaults"
+                config, source = make_config(spec.accel, **{**accel_defaults(spec.accel), **extra}), "defaults"
         if config.method == "magcache":
             config = config.replace(num_steps=args.num_steps)
     except SpecError:

@@ -12,30 +12,37 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
-# Published TeaCache rescale polynomials (numpy.poly1d order: highest degree first), with the
-# probe they were fitted on: "e0" = time projection (ret-steps variant), "e" = time embedding.
-# Wan2.1 T2V/I2V values; SkyReels-V2 reuses the T2V ones unchanged.
-RESCALE_POLYNOMIALS: dict[str, tuple[tuple[float, ...], str]] = {
-    "wan-1.3b": ((-5.21862437e4, 9.23041404e3, -5.28275948e2, 1.36987616e1, -4.99875664e-2), "e0"),
-    "wan-1.3b-noret": ((2.39676752e3, -1.31110545e3, 2.01331979e2, -8.29855975, 1.37887774e-1), "e"),
-    "wan-14b": ((-3.03318725e5, 4.90537029e4, -2.65530556e3, 5.87365115e1, -3.15583525e-1), "e0"),
-    "wan-14b-noret": (
-        (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404), "e"),
-    "wan-i2v-540p": ((2.57151496e5, -3.54229917e4, 1.40286849e3, -1.35890334e1, 1.32517977e-1), "e0"),
-    "wan-i2v-540p-noret": (
-        (-3.02331670e2, 2.23948934e2, -5.25463970e1, 5.87348440, -2.01973289e-1), "e"),
-    "wan-i2v-720p": ((8.10705460e3, 2.13393892e3, -3.72934672e2, 1.66203073e1, -4.17769401e-2), "e0"),
-    "wan-i2v-720p-noret": (
-        (-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683), "e"),
-}
-RESCALE_ALIASES: dict[str, str] = {
-    "skyreels-v2-1.3b": "wan-1.3b",
-    "skyreels-v2-1.3b-noret": "wan-1.3b-noret",
-    "skyreels-v2-14b": "wan-14b",
-    "skyreels-v2-14b-noret": "wan-14b-noret",
-}
+class RescalePolynomial(NamedTuple):
+    """A TeaCache-style rescale polynomial fitted on one model's indicator."""
+
+    coefficients: tuple[float, ...]   # numpy.poly1d order: highest degree first
+    probe: str                        # the adapter probe kind it was fitted on (e.g. a time projection)
+    ret_steps: bool                   # fitted with TeaCache's "ret steps" variant
+
+
+# Named polynomials, registered by the model families that publish them (scope knows no model:
+# e.g. `pipelines.wan.calibration` registers Wan2.1's); a config may also give a list.
+_RESCALE: dict[str, RescalePolynomial] = {}
+_RESCALE_ALIASES: dict[str, str] = {}
+
+
+def register_rescale(name: str, coefficients: tuple[float, ...], probe: str, ret_steps: bool,
+                     aliases: tuple[str, ...] = ()) -> None:
+    """Make a published polynomial available by name (idempotent for the same values)."""
+    poly = RescalePolynomial(tuple(float(c) for c in coefficients), probe, bool(ret_steps))
+    if _RESCALE.get(name, poly) != poly:
+        raise ValueError(f"rescale polynomial {name!r} is already registered with other values")
+    _RESCALE[name] = poly
+    for alias in aliases:
+        _RESCALE_ALIASES[alias] = name
+
+
+def registered_rescales() -> dict[str, RescalePolynomial]:
+    """Every registered polynomial (aliases included), by name."""
+    return {**_RESCALE, **{a: _RESCALE[n] for a, n in _RESCALE_ALIASES.items()}}
+
 
 SELECTIVE_MODES = ("off", "exact", "approx")
 RESIDUAL_DTYPES = ("input", "float32", "float16", "bfloat16")
@@ -120,13 +127,19 @@ def resolve_rescale(spec: str | tuple[float, ...] | list[float] | None) -> tuple
     if spec is None:
         return None
     if isinstance(spec, str):
-        name = RESCALE_ALIASES.get(spec, spec)
-        if name not in RESCALE_POLYNOMIALS:
-            names = ", ".join(sorted(RESCALE_POLYNOMIALS) + sorted(RESCALE_ALIASES))
-            raise ValueError(f"unknown rescale polynomial {spec!r}; valid names: {names}, "
-                             f"or a list of 1-8 coefficients (highest degree first), or null")
-        return RESCALE_POLYNOMIALS[name]
+        poly = _named_rescale(spec)
+        return poly.coefficients, poly.probe
     return tuple(float(c) for c in spec), "default"
+
+
+def _named_rescale(name: str) -> RescalePolynomial:
+    found = _RESCALE.get(_RESCALE_ALIASES.get(name, name))
+    if found is None:
+        names = ", ".join(sorted(registered_rescales())) or "none registered yet"
+        raise ValueError(f"unknown rescale polynomial {name!r}; valid names: {names} (model families "
+                         f"register theirs, e.g. `import pipelines.wan.calibration`), or a list of 1-8 "
+                         f"coefficients (highest degree first), or null")
+    return found
 
 
 def _normalise_rescale(cfg: object, name: str = "rescale") -> None:
@@ -145,7 +158,7 @@ def _normalise_rescale(cfg: object, name: str = "rescale") -> None:
     ok = isinstance(value, tuple) and 1 <= len(value) <= 8 and all(
         isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in value)
     if not ok:
-        _fail(cfg, name, "null, a polynomial name such as 'wan-1.3b', or a list of 1-8 finite "
+        _fail(cfg, name, "null, a registered polynomial name, or a list of 1-8 finite "
                          "coefficients, highest degree first (e.g. [1.0, 0.0] = identity)", value)
 
 
@@ -344,7 +357,7 @@ class ScopeConfig(AccelConfig):
         _check_choice(self, "indicator", SCOPE_INDICATORS)
         _normalise_rescale(self)
         if not isinstance(self.probe_kind, str) or not self.probe_kind:
-            _fail(self, "probe_kind", "a non-empty string such as 'default', 'e0' or 'e'",
+            _fail(self, "probe_kind", "'default' or a non-empty probe kind the model's adapter offers",
                   self.probe_kind)
         _check_choice(self, "coordinate", COORDINATES)
         _check_choice(self, "prefer", PREFERENCES)
@@ -390,7 +403,7 @@ class TeaCacheConfig(AccelConfig):
 
     threshold: float = 0.08
     granularity: str = "global"
-    rescale: str | tuple[float, ...] | None = "wan-1.3b"
+    rescale: str | tuple[float, ...] | None = None   # a model family's published one: its accel defaults
     use_ret_steps: bool = True
     probe_kind: str | None = None
     warmup_steps: int | None = None
@@ -398,19 +411,19 @@ class TeaCacheConfig(AccelConfig):
 
     def validate(self) -> None:
         super().validate()
-        _check_float(self, "threshold", 0.0, strict=True, example=" (e.g. 0.08 for Wan 1.3B)")
+        _check_float(self, "threshold", 0.0, strict=True, example=" (e.g. 0.08)")
         _check_choice(self, "granularity", GRANULARITIES)
         _normalise_rescale(self)
         _check_bool(self, "use_ret_steps")
         if isinstance(self.rescale, str):
-            noret = RESCALE_ALIASES.get(self.rescale, self.rescale).endswith("-noret")
-            if noret == self.use_ret_steps:
-                want = "without" if noret else "with"
+            fitted_ret = _named_rescale(self.rescale).ret_steps
+            if fitted_ret != self.use_ret_steps:
+                want = "with" if fitted_ret else "without"
                 raise ValueError(f"TeaCacheConfig.rescale {self.rescale!r} was fitted {want} ret "
-                                 f"steps; set use_ret_steps={not noret} or pick the matching "
-                                 f"'-noret' / ret polynomial")
+                                 f"steps; set use_ret_steps={fitted_ret} or pick the polynomial "
+                                 f"fitted {'without' if fitted_ret else 'with'} them")
         if self.probe_kind is not None and (not isinstance(self.probe_kind, str) or not self.probe_kind):
-            _fail(self, "probe_kind", "null (take it from the polynomial) or a string such as 'e0'",
+            _fail(self, "probe_kind", "null (take it from the polynomial) or a probe kind the model's adapter offers",
                   self.probe_kind)
         if self.warmup_steps is not None:
             _check_int(self, "warmup_steps", 0, example=" (null = 5 with ret steps, else 1)")

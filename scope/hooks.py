@@ -1,6 +1,6 @@
 """Attach acceleration to a model from outside: a hook on the model's block-stack method.
 
-    accel = apply_accel(model, make_config("scope"), WanAccelAdapter())
+    accel = apply_accel(model, make_config("scope"), adapter)   # the model family's table
     with accel.call(CallContext(request="v1", branch="cond", step=s, ...)):
         out = model(x, t, context)            # the stack call inside is accelerated
     stats = accel.end_request("v1")

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from pipelines.skyreels_v2.model import BlockInputs, WanDFTransformer
+import pipelines.wan.calibration  # noqa: F401  (registers Wan2.1's published TeaCache polynomials)
 from scope.hooks import call_original
 
 

@@ -5,8 +5,9 @@ import math
 
 import pytest
 
-from scope.config import (METHOD_CONFIGS, RESCALE_POLYNOMIALS, AccelConfig, FBCacheConfig,
-                          ScopeConfig, TeaCacheConfig, load_config, make_config, resolve_rescale)
+import pipelines.wan.calibration  # noqa: F401  (registers Wan2.1's polynomials by name)
+from scope.config import (METHOD_CONFIGS, AccelConfig, FBCacheConfig, ScopeConfig, TeaCacheConfig,
+                          load_config, make_config, registered_rescales, resolve_rescale)
 
 
 # the one field a method cannot default: MagCache's ratios are measured on the model
@@ -84,7 +85,7 @@ def test_load_config_reports_file_and_problem(tmp_path):
     ({"selective": "exact", "kv_cache_stale": True}, "kv_cache_stale .* needs selective='approx'"),
     ({"force_final_step": 1}, "force_final_step must be true or false"),
     ({"rescale": "wan-2b"}, "unknown rescale polynomial 'wan-2b'; valid names: .*wan-1.3b"),
-    ({"rescale": [1.0, "x"]}, "rescale must be null, a polynomial name"),
+    ({"rescale": [1.0, "x"]}, "rescale must be null, a registered polynomial name"),
     ({"residual_dtype": "float64"}, "residual_dtype must be one of"),
 ])
 def test_scope_config_rejects_bad_values_with_a_hint(overrides, message):
@@ -104,7 +105,7 @@ def test_teacache_polynomial_variant_must_match_ret_steps():
 def test_rescale_names_resolve_to_published_coefficients_and_custom_lists_become_tuples():
     coeffs, kind = resolve_rescale("wan-1.3b")
     assert coeffs[0] == -5.21862437e4 and coeffs[-1] == -4.99875664e-2 and kind == "e0"
-    assert all(len(c) == 5 for c, _ in RESCALE_POLYNOMIALS.values())
+    assert all(len(p.coefficients) == 5 for p in registered_rescales().values())
     cfg = make_config("teacache", rescale=[2.0, 0.0])
     assert cfg.rescale == (2.0, 0.0)
     assert cfg.to_dict()["rescale"] == [2.0, 0.0]
@@ -127,3 +128,24 @@ def test_from_dict_on_a_subclass_checks_the_method():
     with pytest.raises(ValueError, match="expected 'scope'"):
         ScopeConfig.from_dict({"method": "teacache"})
     assert ScopeConfig.from_dict({"order": 1}).order == 1
+
+
+def test_scope_has_no_model_facts_built_in():
+    """Polynomials come from the model families that publish them: a process that imports only
+    `scope` knows no name, and TeaCache's own default is no polynomial."""
+    import subprocess
+    import sys
+
+    code = ("from scope.config import TeaCacheConfig, registered_rescales\n"
+            "assert registered_rescales() == {} and TeaCacheConfig().rescale is None\n"
+            "try:\n    TeaCacheConfig(rescale='wan-1.3b')\nexcept ValueError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "unknown rescale polynomial 'wan-1.3b'" in out and "pipelines.wan.calibration" in out
+
+
+def test_a_wan_family_names_its_published_teacache_default():
+    from pipelines.wan.calibration import accel_defaults
+
+    cfg = make_config("teacache", **accel_defaults("teacache"))
+    assert cfg.rescale == "wan-1.3b" and cfg.effective_probe_kind == "e0"
+    assert accel_defaults("scope") == {}
