@@ -306,7 +306,10 @@ class Accelerator:
             signals.input = _split_chunks(h, C, "h")
 
         decisions = self.policy.propose(ctx, signals, self.executor.estimate)
-        recompute = [d.mode == RECOMPUTE for d in decisions]
+        for j in range(C):   # the caller needs these computed in full (e.g. a K/V-writing pass)
+            if ctx.required[j] and ctx.active[j] and decisions[j].mode != RECOMPUTE:
+                decisions[j] = decisions[j].upgraded("required")
+        recompute = [d.mode == RECOMPUTE or ctx.required[j] for j, d in enumerate(decisions)]
         fin_ready, stale_ready = self._kv_ready(ctx)
         sel = plan_selective(ctx.active, recompute, causal=ctx.causal, mode=cfg.selective,
                              context_chunks=cfg.context_chunks, kv_cache_finished=cfg.kv_cache_finished,
@@ -464,7 +467,8 @@ class FirstBlockAccelerator(Accelerator):
         behind = [k.chunk for k in self.head.units.keys(ctx.request, ctx.branch) if k.chunk < ctx.chunk_offset]
         self.head.release(ctx.request, behind, ctx.branch)   # memory bounded by the window
         ready = [self.head.kv_ready(ctx.unit(j), ctx.chunk_offset, ctx.sigmas[j]) for j in range(ctx.num_chunks)]
-        head = plan_selective(ctx.active, ctx.active, causal=ctx.causal, mode=cfg.selective,
+        must_run = [a or r for a, r in zip(ctx.active, ctx.required)]
+        head = plan_selective(ctx.active, must_run, causal=ctx.causal, mode=cfg.selective,
                               context_chunks=cfg.context_chunks, kv_cache_finished=cfg.kv_cache_finished,
                               kv_finished_ready=ready)
         h1 = h

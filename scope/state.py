@@ -155,6 +155,9 @@ class CallContext:
         needed by the final-step control.
     chunk_offset: absolute index of the window's first chunk in the video (a sliding window keeps
         a unit's identity; chunks left behind are released).
+    chunk_required: [C] optional bool, the caller needs this chunk computed through every block at
+        this call whatever the policy decides (e.g. a pass that writes the chunk's keys / values
+        into the model's own cache); an active required chunk recomputes, an inactive one runs.
     """
 
     request: str
@@ -166,9 +169,11 @@ class CallContext:
     causal: bool
     chunk_sigma_next: torch.Tensor | Sequence[float] | None = None
     chunk_offset: int = 0
+    chunk_required: torch.Tensor | Sequence[bool] | None = None
     sigmas: tuple[float, ...] = field(init=False, repr=False)
     active: tuple[bool, ...] = field(init=False, repr=False)
     sigmas_next: tuple[float, ...] | None = field(init=False, repr=False)
+    required: tuple[bool, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.request, str) or not isinstance(self.branch, str):
@@ -191,9 +196,15 @@ class CallContext:
             if len(nxt) != len(sigmas):
                 raise ValueError(f"CallContext.chunk_sigma_next needs {len(sigmas)} entries, "
                                  f"got {len(nxt)}")
+        required = (False,) * len(sigmas)
+        if self.chunk_required is not None:
+            required = tuple(bool(r) for r in _as_list(self.chunk_required, "chunk_required"))
+            if len(required) != len(sigmas):
+                raise ValueError(f"CallContext.chunk_required needs {len(sigmas)} entries, got {len(required)}")
         object.__setattr__(self, "sigmas", sigmas)
         object.__setattr__(self, "active", active)
         object.__setattr__(self, "sigmas_next", nxt)
+        object.__setattr__(self, "required", required)
 
     @property
     def num_chunks(self) -> int:

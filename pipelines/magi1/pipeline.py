@@ -569,7 +569,9 @@ class _Walk:
                       kv_capture=capture_store, capture_chunks=capture)
         scope = nullcontext()
         if self.accel is not None:
-            scope = self.accel.call(self._contexts(branch, call, chunks, active))
+            # chunks whose K/V this pass writes into the cache must run through every block
+            required = [capture is not None and capture[0] <= j < capture[1] for j in range(r)]
+            scope = self.accel.call(self._contexts(branch, call, chunks, active, required))
         with scope:
             out = self.model(x, t.unsqueeze(0).expand(b, r).contiguous(), y.reshape(b * r, *y.shape[2:]),
                              torch.full((b,), dropped, dtype=torch.bool, device=self.device),
@@ -579,7 +581,8 @@ class _Walk:
             raise RuntimeError(f"model returned {tuple(out.shape)} for input {tuple(x.shape)}")
         return out.to(torch.float32)
 
-    def _contexts(self, branch: str, call: ChunkCall, chunks: list[int], active: Sequence[bool]) -> Any:
+    def _contexts(self, branch: str, call: ChunkCall, chunks: list[int], active: Sequence[bool],
+                  required: Sequence[bool] | None = None) -> Any:
         """`scope.hooks.CallContext` per video for one model call."""
         from scope.hooks import CallContext   # lazy: the pipeline runs without scope
 
@@ -591,7 +594,7 @@ class _Walk:
         contexts = [CallContext(request=request, branch=branch, step=call.index,
                                 frames_per_chunk=self.args.schedule.chunk_width, chunk_sigma=sigma,
                                 chunk_active=list(active), causal=True, chunk_sigma_next=sigma_next,
-                                chunk_offset=chunks[0])
+                                chunk_offset=chunks[0], chunk_required=required)
                     for request in self.requests]
         return contexts[0] if len(contexts) == 1 else contexts
 
