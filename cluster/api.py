@@ -22,7 +22,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from cluster.coordinator import Coordinator, SegmentOutput, VideoRequest  # noqa: E402
-from cluster.families import ModelSpec  # noqa: E402
+from cluster.families import ModelSpec, family_of  # noqa: E402
 from cluster.replica import Replica, ReplicaConfig  # noqa: E402
 from cluster.stage import quiet_zero_copy_warnings  # noqa: E402
 from pipelines.skyreels_v2.pipeline import DFResult, ScheduleArgs  # noqa: E402
@@ -72,10 +72,13 @@ class RayCluster:
         except BaseException:
             self.shutdown()
             raise
-        self.coordinator = Coordinator(self.replicas, decode, requests_per_replica=requests_per_replica,
+        family = family_of(config.model)
+        coordinator = Coordinator if family.coordinator is None else family.coordinator()
+        self.coordinator = coordinator(self.replicas, decode, requests_per_replica=requests_per_replica,
                                        max_attempts=max_attempts, progress=progress)
 
-    def generate(self, requests: Sequence[VideoRequest]) -> list[DFResult]:
+    def generate(self, requests: Sequence[Any]) -> list[Any]:
+        """`VideoRequest`s -> `DFResult`s (SkyReels-V2); `cluster.magi.MagiRequest`s -> `MagiResult`s (MAGI-1)."""
         return self.coordinator.run(requests)
 
     def shutdown(self) -> None:

@@ -20,7 +20,8 @@ class ModelSpec:
     source: a named size of the family (random weights drawn from `seed`: tests and demos; every
         stage then holds exactly the weights of an in-process model built from the same spec) or
         a checkpoint folder (local path or fsspec URL: file://, s3://, memory://, ...).
-    overrides: config fields replaced on a named size, e.g. (("num_layers", 3),).
+    overrides: config fields replaced on a named size, e.g. (("num_layers", 3),); for a MAGI-1 weights
+        folder without config.json, (("size", "4.5b-distill"),) names the size whose config it has.
     """
 
     source: str = "tiny"
@@ -46,6 +47,10 @@ class Family:
     parallelize: Callable[..., Any]                       # (model, stage_index, num_stages, counts=, sp_group=)
     load_model: Callable[[ModelSpec, str], torch.nn.Module]
     accel_adapter: Callable[[], Any]
+    # what a replica of this family cannot do, refused before any actor starts: (ReplicaConfig) -> None
+    check_replica: Callable[[Any], None] | None = None
+    # the coordinator class that serves this family's requests (None: `cluster.coordinator.Coordinator`)
+    coordinator: Callable[[], type] | None = None
 
 
 # ----------------------------------------------------------------------------- SkyReels-V2 DF
@@ -85,10 +90,64 @@ def _skyreels_adapter() -> Any:
     return WanStackAdapter()
 
 
+# ----------------------------------------------------------------------------- MAGI-1
+
+def _magi_stage_spec(spec: ModelSpec) -> Any:
+    from pipelines.magi1.parallelize import MagiStageSpec
+    return MagiStageSpec(source=spec.source, seed=spec.seed, dtype=spec.dtype, overrides=spec.overrides)
+
+
+def _magi_num_layers(spec: ModelSpec) -> int:
+    from pipelines.magi1.parallelize import stage_config
+    return stage_config(_magi_stage_spec(spec)).num_layers
+
+
+def _magi_load_stage(spec: ModelSpec, stage_index: int, num_stages: int, counts: Sequence[int] | None,
+                     device: str) -> torch.nn.Module:
+    """Only this stage's layers (and the final layers on the last stage) are loaded."""
+    from pipelines.magi1.parallelize import load_stage_model, split_blocks
+    block_range = split_blocks(_magi_num_layers(spec), num_stages, counts)[stage_index]
+    return load_stage_model(_magi_stage_spec(spec), block_range, stage_index == num_stages - 1, device)
+
+
+def _magi_parallelize(model: torch.nn.Module, stage_index: int, num_stages: int, *,
+                      counts: Sequence[int] | None = None, sp_group: Any = None) -> Any:
+    from pipelines.magi1.parallelize import parallelize_magi1
+    return parallelize_magi1(model, stage_index, num_stages, counts=counts, sp_group=sp_group)
+
+
+def _magi_load_model(spec: ModelSpec, device: str = "cpu") -> torch.nn.Module:
+    from pipelines.magi1.parallelize import load_stage_model
+    return load_stage_model(_magi_stage_spec(spec), None, True, device)
+
+
+def _magi_adapter() -> Any:
+    from pipelines.magi1.accel_adapter import MagiStackAdapter
+    return MagiStackAdapter()
+
+
+def _magi_check_replica(config: Any) -> None:
+    from pipelines.magi1.parallelize import SEQUENCE_PARALLEL_REFUSED
+    if config.sequence_parallel > 1:
+        raise ValueError(SEQUENCE_PARALLEL_REFUSED)
+    if config.accel is not None:
+        raise ValueError(f"MAGI-1 replicas run without acceleration for now (accel={config.accel.method!r} "
+                         f"given: a MAGI-1 call through the stages, `StageWorker.run_call`, does not plan or "
+                         f"execute SCOPE yet); set accel=None, or run the accelerated MAGI-1 pipeline in process")
+
+
+def _magi_coordinator() -> type:
+    from cluster.magi import MagiCoordinator
+    return MagiCoordinator
+
+
 FAMILIES: dict[str, Family] = {
     "skyreels-v2": Family(check=_stage_spec, num_layers=_skyreels_num_layers,
                           load_stage_model=_skyreels_load_stage, parallelize=_skyreels_parallelize,
                           load_model=_skyreels_load_model, accel_adapter=_skyreels_adapter),
+    "magi-1": Family(check=_magi_stage_spec, num_layers=_magi_num_layers, load_stage_model=_magi_load_stage,
+                     parallelize=_magi_parallelize, load_model=_magi_load_model, accel_adapter=_magi_adapter,
+                     check_replica=_magi_check_replica, coordinator=_magi_coordinator),
 }
 
 

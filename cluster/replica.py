@@ -97,6 +97,9 @@ class ReplicaConfig:
             raise ValueError(f"ReplicaConfig.placement must be one of {PLACEMENTS}; got {self.placement!r}")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
             raise ValueError("ReplicaConfig.cpus_per_worker / gpus_per_worker must be >= 0")
+        family = family_of(self.model)
+        if family.check_replica is not None:
+            family.check_replica(self)
         self._check_accel()
 
     def _check_accel(self) -> None:
@@ -259,6 +262,22 @@ class Replica:
             feedback_ref = upstream[1]
         return CallFuture(self, velocities, feedback_ref, others, epoch)
 
+    def submit_call(self, call: Any, *, epoch: int | None = None) -> CallFuture:
+        """Send one whole call of a family whose stages run calls themselves (MAGI-1's `MagiCall`,
+        `StageWorker.run_call`) through every stage; nothing waits here. The call gets this
+        replica's next key (its transport tag)."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch != self.epoch:
+            raise ReplicaReset(f"{self.name} was recovered since this request began")
+        call = replace(call, key=next(self._keys))
+        with warnings.catch_warnings():  # tensors in the object store are read-only by contract
+            warnings.filterwarnings("ignore", message="Zero-copy tensor serialization")
+            call_ref = ray.put(call)
+        upstream = None
+        for ranks in self.workers:       # one rank per stage: such families run without sequence parallel
+            upstream = ranks[0].run_call.remote(call_ref, upstream)
+        return CallFuture(self, [upstream], None, [], epoch)
+
     def _parts(self, x: torch.Tensor, causal_block_size: int | None, ctx: Any) -> int:
         """Chunk micro-batches: one per causal block under block-causal attention without
         acceleration on a multi-stage replica, else the whole window."""
@@ -310,6 +329,9 @@ class Replica:
                 failures += 1
                 if time.monotonic() > deadline or failures >= 3:
                     ray.kill(worker, no_restart=True)
+                    from monitoring.publish import JobMetrics
+
+                    JobMetrics("long_video").restart_seen("stage_worker", reconstructed=True)   # replaced
                     return self._start_worker(stage, sp_rank)
                 time.sleep(0.5)
 

@@ -84,6 +84,10 @@ class StageWorker:
         self.transport: Transport = ObjectStoreTransport()
         self.stats = StageStats()
         self._group: GroupSpec | None = None
+        from monitoring.publish import JobMetrics
+
+        self.metrics = JobMetrics("long_video")             # published at request ends, never per call
+        self.metrics.restart_seen("stage_worker")            # counts one when Ray rebuilt this actor
 
     # -- lifecycle -------------------------------------------------------------------------------
     def pid(self) -> int:
@@ -125,6 +129,8 @@ class StageWorker:
         self._awaiting: dict[tuple[str, str], tuple[Any, Tensor, Any]] = {}
         self._streams: dict[int, _Stream] = {}
         self._last_subset: Tensor | None = None
+        if hasattr(self.stage, "reset"):
+            self.stage.reset()                 # state the stage object keeps itself (MAGI-1: its K/V shard)
         if cfg is None:
             return
         from scope.executor import StageExecutor
@@ -153,20 +159,36 @@ class StageWorker:
 
     def end_request(self, request: str, branches: list[str] | None = None, *feedback: Tensor) -> Any:
         """Drop a request's state; stage 0 returns its RequestStats (after the final feedback)."""
+        if hasattr(self.stage, "end_request"):
+            self.stage.end_request(request)
         if self.options.accel is None:
+            self._publish_stats()
             return None
         for branch, fb in zip(branches or [], feedback):
             self._apply_feedback(request, branch, fb)
         for key in [k for k in self._awaiting if k[0] == request]:
             del self._awaiting[key]
         self.executor.end_request(request)
-        if self.decider is None:
-            return None
-        return self.decider.end_request(request)
+        stats = None if self.decider is None else self.decider.end_request(request)
+        self._publish_stats()
+        return stats
+
+    def _publish_stats(self) -> None:
+        """Plain stats out at a request's end (a segment boundary): calls, busy seconds, and the
+        bytes this rank's accelerator state held when the request ended."""
+        held = None
+        if self.executor is not None:
+            held = self.executor.bytes_at_end or 0
+            mirror = getattr(self.decider, "executor", None)
+            if mirror is not None and mirror is not self.executor:
+                held += mirror.bytes_at_end or 0
+        self.metrics.stage_done(self.stats, stage=self.index, sp_rank=self.sp_rank, cache_bytes=held)
 
     def layout(self) -> dict[str, Any]:
         """What this worker runs (for tests and logs)."""
-        module = self.stage.model.blocks[self.stage.start].self_attn
+        blocks = getattr(self.stage.model, "blocks", None)
+        module = (blocks[self.stage.start].self_attn if blocks is not None           # Wan
+                  else self.stage.model.layers[self.stage.start].self_attention)    # MAGI-1
         attn = type(module).__name__
         if getattr(module, "_ds_attention", None) is not None:
             attn += "(deepspeed)"
@@ -181,7 +203,31 @@ class StageWorker:
     def reset_stats(self) -> None:
         self.stats = StageStats()
 
+    def tensor(self, key: str) -> Tensor:
+        """One tensor of this stage's model by state-dict key (e.g. a driver's default null caption)."""
+        return self.stage.model.state_dict()[key].detach().cpu()
+
+    def kv_summary(self) -> dict[str, Any]:
+        """The K/V this stage keeps itself, per request and entry (layers, tokens, bytes)."""
+        kv = getattr(self.stage, "kv", None)
+        return {} if kv is None else kv.summary()
+
     # -- the hot path ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def run_call(self, call: Any, upstream: Handoff | None = None) -> Any:
+        """One call of a family whose stage object runs whole calls (MAGI-1: `MagiStage.run_call`, on
+        the stage's own K/V shard). Hidden states come and go as in `forward`; the last stage returns
+        the model output [B, C, T, H, W]."""
+        started = time.perf_counter()
+        h = None if self.stage.is_first else self.transport.recv(upstream.payload).to(self.device)
+        out = self.stage.run_call(call, h)
+        if self.stage.is_last:
+            result = out.cpu()
+        else:
+            result = Handoff(self.transport.send(out, call.key * MAX_PARTS))
+        self.stats.add(started, time.perf_counter())
+        return result
+
     @torch.no_grad()
     def forward(self, call: ModelCall, part: int = 0, upstream: Handoff | None = None,
                 feedback: Tensor | None = None) -> Any:

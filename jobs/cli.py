@@ -13,8 +13,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate one video from a prompt (a job spec or flags)",
                        description="Generate a video with an AR diffusion-forcing model, optionally accelerated. "
                                    "Fields come from --spec (YAML) and the flags (flags win); model: omitted = "
-                                   "the embedded procedural model, 'tiny' = a tiny random SkyReels-V2 DF model, "
-                                   "or a folder / URL with config.json + *.safetensors.")
+                                   "the embedded procedural model, 'tiny' = the tiny random SkyReels-V2 chain "
+                                   "(plumbing demo), a procedural bundle, or an official SkyReels-V2 DF folder / URL "
+                                   "(config.json + *.safetensors, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth + "
+                                   "google/umt5-xxl/): prompt -> umT5 -> DF transformer -> Wan VAE -> frames; "
+                                   "--image for image-to-video, --video to continue a video.")
     add_spec_flags(p)
     p.add_argument("--accel-config", default=None,
                    help="JSON accelerator settings (from `scope calibrate`); the same as --accel PATH.json")

@@ -40,6 +40,7 @@ from jobs import storage
 from jobs.runner import RunFault
 from jobs.setup import DeviceError
 from jobs.spec import JobSpec, SpecError, short
+from monitoring.publish import JobMetrics, attach_to_ray_job, failure_reason, plan_labels
 from pipelines.skyreels_v2.checkpoint import CheckpointError
 
 TABLE_COLUMNS = ("id", "prompt", "seed", "uri", "frames", "duration_s", "wall_s", "modes",
@@ -102,6 +103,8 @@ class VideoMaker:
     def __init__(self, out: str, options: dict[str, Any], timeout_s: float):
         self.outputs = Outputs(out, options, timeout_s)
         self.models: dict[str, Any] = {}
+        self.metrics = JobMetrics("dataset")                # this actor's series, through Ray's agent
+        self.metrics.worker_started(restart_kind="video_maker")
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         results: dict[str, list[Any]] = {c: [] for c in TABLE_COLUMNS}
@@ -112,8 +115,10 @@ class VideoMaker:
                 records[key] = (self.outputs.read_record(key), False)
             else:
                 todo.append((key, json.loads(item)))
+        self.metrics.in_flight(len(todo))
         for key, record in self.make_all(todo).items():
             records[key] = (record, True)
+        self.metrics.in_flight(0)
         for key in batch["key"]:
             record, fresh = records[key]
             for column in TABLE_COLUMNS:
@@ -159,6 +164,7 @@ class VideoMaker:
         record = record_for(row, "error", error=f"row {row.index} (id {short(row.id, 40)}): "
                                                 f"{storage.safe_message(err)}")
         self.outputs.commit_record(row.key, record)
+        self.metrics.row_failed(failure_reason(err))
         return record
 
     def _make_group(self, group: list[tuple[Any, Any, Any]]) -> dict[str, dict[str, Any]]:
@@ -174,9 +180,11 @@ class VideoMaker:
                 if len(group) == 1:
                     row, plan, loaded = group[0]
                     with open_sampler(plan, loaded) as sampler:
-                        summaries = [VideoRun(plan, loaded, sampler, folders[0], None).run()]
+                        observe = self.metrics.segment_observer(plan, accel=getattr(sampler, "accel", None))
+                        summaries = [VideoRun(plan, loaded, sampler, folders[0], None, on_segment=observe).run()]
                 else:
-                    video_runs = [VideoRun(plan, loaded, None, folder, None)
+                    video_runs = [VideoRun(plan, loaded, None, folder, None,
+                                           on_segment=self.metrics.segment_observer(plan))
                                   for (row, plan, loaded), folder in zip(group, folders)]
                     with open_sampler(group[0][1], group[0][2]) as pipeline:   # each video its own request
                         summaries = run_batch(video_runs, pipeline)
@@ -196,6 +204,7 @@ class VideoMaker:
                 storage.put_file(local, uri, self.outputs.options, self.outputs.timeout)
                 record = record_for(row, "done", uri=uri, stats=summary_stats(plan, summary))
                 self.outputs.commit_record(row.key, record)       # the commit marker, last
+                self.metrics.video_done(model=plan_labels(plan)[0])
                 records[row.key] = record
             return records
         finally:
@@ -210,7 +219,7 @@ def _batches(ready: list[tuple[Any, Any, Any]]) -> list[list[tuple[Any, Any, Any
     for entry in ready:
         _, plan, _ = entry
         shape = (plan.source, plan.device, repr(plan.args), repr(plan.segments), plan.latent_size,
-                 plan.channels, plan.accel.to_json())
+                 plan.channels, plan.accel.to_json(), plan.reference_latents)   # image rows: a prefix
         groups.setdefault(shape, []).append(entry)
     return list(groups.values())
 
@@ -231,11 +240,13 @@ def run_dataset(manifest: str, out: str, base: JobSpec, *, workers: int = 1, bat
     storage.check_writable(out, base.storage_options, base.storage_timeout_s, what="out")
     outputs = Outputs(out, base.storage_options, base.storage_timeout_s)
     _claim(outputs, base, manifest)
+    attach_to_ray_job()                                   # the driver's series go out through Ray's agent
     committed = outputs.committed_keys()
     todo = [r for r in rows if r.key not in committed]
     bad = [r for r in todo if r.error is not None]
     for row in bad:                                       # bad rows: a record now, never generated
         outputs.commit_record(row.key, record_for(row, "error", error=row.error))
+    JobMetrics("dataset").row_failed("invalid_row", len(bad))
     good = [r for r in todo if r.error is None]
     _say(f"dataset: {len(rows)} rows in {manifest}: {len(committed)} already done, {len(bad)} bad, "
          f"{len(good)} to generate with {workers} worker(s) -> {out}")
@@ -354,12 +365,15 @@ class _Meter:
         self.total, self.started, self.enabled, self.every_s = total, started, enabled, every_s
         self.last = 0.0
         self.bar = None
+        self.metrics = JobMetrics("dataset")               # progress, queue depth, last progress
+        self.metrics.progress(0, total)
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc="dataset", unit="video")
 
     def update(self, done: int, failed: int) -> None:
+        self.metrics.progress(done, self.total)
         if self.bar is not None:
             self.bar.set_postfix(failed=failed)
             self.bar.update(done - self.bar.n)

@@ -3,6 +3,10 @@ same spec, plan and segment loop as the long-video job (`jobs/long_video.py`).
 
     scope generate --prompt "a red circle moves right" --frames 48 --out out/video.mp4
     scope generate --spec spec.yaml --out out/video.mp4      # the job spec; flags win over it
+    scope generate --model SkyReels-V2-DF-14B-720P --prompt "..." --out out/v.mp4   # 121 frames, 720P
+
+Without --frames / --duration-s (and no --spec) the length is the model's: 48 frames for the
+procedural and tiny models, upstream's window for a SkyReels-V2 folder (97 frames at 540p, 121 at 720p).
 
 The segments go to a private work folder; the outputs (video, `--stats`, `--latents`) are then
 committed as a set: each is staged under a unique temporary name next to its target, and only
@@ -101,6 +105,8 @@ def _save_latents(plan: Any, parts: list[torch.Tensor], work: str) -> str:
     latents = torch.cat(parts, dim=1)                 # the video latents [0, latent_frames)
     if plan.kind == "procedural":
         latents = latents[:, plan.skip:plan.skip + plan.frames]
+    else:
+        latents = latents[:, plan.skip:]              # a continuation's prefix is the input video's
     path = os.path.join(work, "latents.safetensors")
     save_file({"latents": latents.contiguous().float()}, path)
     return path
@@ -148,7 +154,12 @@ def run_generate(args: argparse.Namespace) -> None:
         args.accel_method, args.accel = args.accel, args.accel_config
     else:
         args.accel_method = None
-    spec = spec_from_args(args, GENERATE_DEFAULTS)
+    defaults = dict(GENERATE_DEFAULTS)
+    if args.spec is None and args.frames is None and args.duration_s is None:
+        from jobs.setup import default_frames
+
+        defaults["frames"] = default_frames(args.model, args.resolution)   # upstream's 97 / 121 for SkyReels-V2
+    spec = spec_from_args(args, defaults)
     stats = generate(spec, args.stats, args.latents, progress=not args.no_progress,
                      accel_method=args.accel_method)
     print(f"wrote {spec.out}: {stats['frames']} frames in {stats['wall_s']:.1f} s, "

@@ -30,6 +30,8 @@ SPEC_FLAGS = {   # CLI flag -> (spec field, type); a flag given on the command l
     "--checkpoint-every": ("checkpoint_every", int), "--backend": ("backend", str),
     "--stages": ("stages", int), "--replicas": ("replicas", int),
     "--storage-timeout-s": ("storage_timeout_s", float), "--device": ("device", str),
+    "--image": ("image", str), "--video": ("video", str), "--resolution": ("resolution", str),
+    "--addnoise-condition": ("addnoise_condition", int), "--decode": ("decode", str),
 }
 
 
@@ -73,6 +75,7 @@ def run_long_video(spec: JobSpec, progress: bool = True) -> dict[str, Any]:
     from jobs.outputs import VideoFolder
     from jobs.runner import Progress, VideoRun, open_sampler, segments_with_frames, summary_stats
     from jobs.setup import check_memory, describe, load
+    from monitoring.publish import JobMetrics, attach_to_ray_job, plan_labels
 
     check_long_video(spec)
     plan = describe(spec)                                  # 1. every check that needs no weights
@@ -94,18 +97,35 @@ def run_long_video(spec: JobSpec, progress: bool = True) -> dict[str, Any]:
     if plan.accel_mismatch:
         _say(f"long-video: the accel config ({plan.accel_source}) was calibrated for another schedule "
              f"({'; '.join(plan.accel_mismatch)})", err=True)
+    metrics = JobMetrics("long_video")
+    attach_to_ray_job()                                    # under `ray job submit`: export through Ray's agent
     with open_sampler(plan, loaded) as sampler:            # 4. the loop
+        metrics.worker_started(gpus=_gpus_in_use(plan, sampler))
+        metrics.progress(0, len(plan.segments))
+        metrics.in_flight(1)
         run = VideoRun(plan, loaded, sampler, folder, folder, checkpoint_every=spec.checkpoint_every,
-                       progress=Progress(len(plan.segments), plan.frames, "long-video", enabled=progress))
+                       progress=Progress(len(plan.segments), plan.frames, "long-video", enabled=progress),
+                       on_segment=metrics.segment_observer(plan, accel=getattr(sampler, "accel", None),
+                                                           job_progress=True))
         summary = run.run()
     frames = folder.assemble(segments_with_frames(plan))   # 5. the whole video, then stats (last)
     stats = summary_stats(plan, summary, {"video_frames": frames, "out": spec.out, "torch_threads": threads,
                                           **loaded.extra,
                                           "segments_written_this_run": summary.state.written_segments})
     folder.write_stats(stats)
+    metrics.video_done(model=plan_labels(plan)[0])
+    metrics.in_flight(0)
     _say(f"long-video: wrote {folder.path('video.mp4')}: {frames} frames, {summary.wall_s:.1f} s this run, "
          f"block evals {stats['block_evals']}/{stats['block_evals_full']}")
     return stats
+
+
+def _gpus_in_use(plan: Any, sampler: Any) -> float:
+    """GPUs this video runs on: the Ray replica's stages, or the driver's own device."""
+    config = getattr(sampler, "config", None)              # RaySegmentSampler
+    if config is not None:
+        return config.workers * config.gpus_per_worker
+    return 1.0 if plan.device.startswith("cuda") else 0.0
 
 
 def _use_all_cores(spec: JobSpec) -> int:

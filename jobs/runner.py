@@ -87,12 +87,14 @@ class CheckpointStore(Protocol):
 @dataclass
 class RunState:
     """What a run needs to continue after segment `next_segment - 1`: the clean prefix of the
-    next segment, and the totals so far. No accelerator state outlives a segment (each is its
-    own accelerator request), so none is kept."""
+    next segment, the last latents a causal frame decoder is warmed on to resume (W of them, not
+    its cache: `FrameDecoder.resume`), and the totals so far. No accelerator state outlives a
+    segment (each is its own accelerator request), so none is kept."""
 
     fingerprint: str
     next_segment: int = 0
     prefix: torch.Tensor | None = None          # [C, P, h, w] the next segment's clean prefix
+    decode_history: torch.Tensor | None = None  # [C, <=W, h, w] last latents a causal decoder resumes on
     frames_done: int = 0
     model_calls: int = 0
     rows: int = 0
@@ -112,6 +114,8 @@ class RunState:
                 "rng": {"scheme": RNG_SCHEME, "seed": seed, "next_segment": self.next_segment},
                 "accel_state": "none: every segment is its own accelerator request"}
         tensors = {} if self.prefix is None else {"prefix": self.prefix.detach().cpu().contiguous().float()}
+        if self.decode_history is not None:
+            tensors["decode_history"] = self.decode_history.detach().cpu().contiguous().float()
         return save(tensors, metadata={"state": json.dumps(meta, allow_nan=False)})
 
     @classmethod
@@ -129,7 +133,8 @@ class RunState:
             raise RunFault(f"checkpoint {where} has format {meta.get('format')}, this version reads "
                            f"{CHECKPOINT_FORMAT}; finish it with the version that wrote it or start over")
         return cls(fingerprint=meta["fingerprint"], next_segment=meta["next_segment"],
-                   prefix=tensors.get("prefix"), frames_done=meta["frames_done"],
+                   prefix=tensors.get("prefix"), decode_history=tensors.get("decode_history"),
+                   frames_done=meta["frames_done"],
                    model_calls=meta["model_calls"], rows=meta["rows"], sample_seconds=meta["sample_seconds"],
                    accel=stats_from_dict(meta["accel"]), device=meta.get("device", ""))
 
@@ -212,11 +217,13 @@ class VideoRun:
     def __init__(self, plan: VideoPlan, loaded: LoadedVideo, sampler: SegmentSampler, writer: SegmentWriter,
                  checkpoints: CheckpointStore | None = None, *, checkpoint_every: int = 1,
                  progress: Progress | None = None,
-                 on_latents: Callable[[int, torch.Tensor], None] | None = None):
+                 on_latents: Callable[[int, torch.Tensor], None] | None = None,
+                 on_segment: Callable[[SegmentInfo, RunState, int], None] | None = None):
         self.plan, self.loaded, self.sampler, self.writer = plan, loaded, sampler, writer
         self.checkpoints, self.checkpoint_every = checkpoints, checkpoint_every
         self.progress = progress
         self.on_latents = on_latents            # (first video latent, new latents): `generate --latents`
+        self.on_segment = on_segment            # (info, state, frames added) after each segment: metrics
         self.draws = Draws(plan.spec.seed)
         self.fingerprint = plan.spec.fingerprint()
 
@@ -228,6 +235,7 @@ class VideoRun:
         if self.progress is not None and resumed_from > 0:
             self.progress.update(resumed_from, state.frames_done, resumed=True)
         for segment in self.plan.segments[state.next_segment:]:
+            frames_before = state.frames_done
             noise, prefix, prefix_noise = self._plan_segment(segment, state)           # 1. plan
             info = self._denoise(segment, noise, prefix, prefix_noise)                  # 2. denoise
             first, new = self._commit(segment, info, state)                             # 3. commit
@@ -236,6 +244,8 @@ class VideoRun:
             self._checkpoint(segment, state)                                            # 6. checkpoint
             if self.progress is not None:
                 self.progress.update(state.next_segment, state.frames_done)
+            if self.on_segment is not None:                                             # 7. report
+                self.on_segment(info, state, state.frames_done - frames_before)
         return RunSummary(state, time.perf_counter() - started, len(self.plan.segments), resumed_from)
 
     # -- the steps -------------------------------------------------------------------------------
@@ -252,6 +262,13 @@ class VideoRun:
                            f"device: {state.device} to resume (or use a new out folder)")
         if state.prefix is not None:
             state.prefix = state.prefix.to(self.plan.device)
+        if state.next_segment < len(self.plan.segments):
+            # a causal decoder's cache is not checkpointed: warm a fresh one on the kept history
+            resume_at = self.plan.new_latents_of(self.plan.segments[state.next_segment])[0]
+            try:
+                self.loaded.decoder.resume(state.decode_history, resume_at)
+            except ValueError as err:
+                raise RunFault(str(err)) from None
         return state
 
     def _plan_segment(self, segment: SegmentPlan, state: RunState
@@ -287,6 +304,7 @@ class VideoRun:
         state.next_segment = segment.index + 1
         state.frames_done = self.loaded.decoder.frame_range(0, end)[1]
         state.prefix = segment_prefix(info.latents, self.plan.overlap, self.plan.args.causal_block_size)
+        state.decode_history = self.loaded.decoder.history_after(state.decode_history, new)
         return first, new
 
     def _write(self, index: int, frames: np.ndarray | None, state: RunState) -> None:
@@ -326,8 +344,11 @@ def run_batch(runs: list[VideoRun], pipeline: Any) -> list[RunSummary]:
             for run, state, info in zip(runs, states, infos):
                 if not torch.isfinite(info.latents).all():
                     raise RunFault(f"segment {segment.index}: the model produced NaN or inf latents")
+                frames_before = state.frames_done
                 first_latent, new = run._commit(segment, info, state)
                 run._write(segment.index, run.loaded.decoder.decode(new, first_latent), state)
+                if run.on_segment is not None:
+                    run.on_segment(info, state, state.frames_done - frames_before)
     wall = time.perf_counter() - started
     return [RunSummary(state, wall, len(first.segments), 0) for state in states]
 

@@ -1,17 +1,24 @@
 """From a `JobSpec` to what the segment loop needs, in two phases:
 
-1. `describe(spec) -> VideoPlan`: cheap (reads the model folder's JSON files only): the schedule,
-   the video's length in frames and latents, the segments, the latent geometry, the decoder
-   kind, the accelerator config. Everything a bad spec can get wrong fails here, before any
-   weights load or worker starts (`check_memory` too).
-2. `load(plan) -> LoadedVideo`: the transformer, the text embeddings (checked finite), the clean
+1. `describe(spec) -> VideoPlan`: cheap (reads the model folder's JSON files and checks that the
+   other files exist): the schedule, the video's length in frames and latents, the segments, the
+   latent geometry, the decoder kind, the accelerator config. Everything a bad spec can get wrong
+   fails here, before any weights load or worker starts (`check_memory` too).
+2. `load(plan) -> LoadedVideo`: the text embeddings (checked finite), the transformer, the clean
    reference prefix, the frame decoder.
 
-Models: None = the embedded procedural model (pipelines/procedural/weights); "tiny" = a tiny
-SkyReels-V2 DF transformer with seeded random weights (plumbing demo, latent preview); a folder
-(local or fsspec URL): a procedural bundle when it has `pipeline.json`, else an official
-SkyReels-V2 DF checkpoint, which needs `context` (precomputed umT5 embeddings) until the text
-encoder and VAE land; its video is then a latent preview.
+Models: None = the embedded procedural model (pipelines/procedural/weights); "tiny" = the tiny
+SkyReels-V2 chain with seeded random weights (transformer, umT5 with a hashing tokenizer, Wan VAE:
+the plumbing demo); a folder (local or fsspec URL): a procedural bundle when it has `pipeline.json`,
+else an official SkyReels-V2 DF folder: `config.json` + safetensors, `Wan2.1_VAE.pth`, and (unless
+`context` gives precomputed embeddings) `models_t5_umt5-xxl-enc-bf16.pth` + `google/umt5-xxl/`.
+SkyReels-V2 facts (resolutions, defaults, file names, the parts' builders) come from
+`pipelines/skyreels_v2/family.py`.
+
+SkyReels-V2 chain in `load`: prompt -> umT5 (then the encoder is freed, unless the caller keeps a
+`models` cache for many videos) -> transformer -> per video one `VAEStreamDecoder` fed each
+segment's new latents once, in order (`FrameDecoder`). Image-to-video / continuation: the image
+(1 latent) or the video's last frames (`overlap` latents) are VAE-encoded into segment 0's prefix.
 """
 from __future__ import annotations
 
@@ -26,13 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from jobs.media import check_media
 from jobs.spec import JobSpec, SpecError, short
+from pipelines.skyreels_v2 import family as sky
 from pipelines.skyreels_v2.pipeline import ScheduleArgs, SegmentPlan, plan_segments
-
-# Wan VAE: 4x temporal (the first latent is one frame), 8x spatial compression
-WAN_TEMPORAL, WAN_SPATIAL = 4, 8
-SKYREELS_540P_LATENT = (68, 120)
-TINY_LATENT = (8, 8)
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -41,41 +45,85 @@ TINY_LATENT = (8, 8)
 class FrameDecoder:
     """Latents -> uint8 frames, segment by segment, so no whole-video buffer is ever needed.
 
-    Video latent `l` (after `skip` reference latents that are not part of the video) covers
-    frames [m, m + 1) with m = l - skip when `temporal` is 1, and, as Wan's causal VAE, frame 0
-    for m = 0 and frames [4m - 3, 4m + 1) after it when `temporal` is 4. Frames at or past
-    `frames` (the rounding of the last causal block) are cropped.
+    Latents are indexed along the sampled sequence, the `skip` leading reference latents included.
+    Latent `l` covers stream frames [first_frame(l), first_frame(l + 1)): frame l when `temporal`
+    is 1; for Wan's causal VAE (`temporal` 4) frame 0 for l = 0 and [4l - 3, 4l + 1) after it. The
+    video is the stream from first_frame(skip) on, cropped at `frames` (the rounding of the last
+    causal block).
+
+    `decode_latents(latents [C, n, h, w], starts_stream) -> uint8 [T, H, W, 3]` gives the frames
+    of those latents. A stateless one (`history` 0: the procedural codec, the latent preview) sees
+    only video latents. A causal one (`history` W > 0: the Wan VAE stream) is fed every latent once,
+    in order, reference latents included (they warm its causal cache; their frames are dropped);
+    `starts_stream` resets it. A resumed run warms a fresh stream on the last W latents before the
+    resume point (`resume`, with `history_after` kept in the checkpoint): the decoder's receptive
+    field is < W latents, so the frames equal the uninterrupted run's.
     """
 
-    decode_latents: Callable[[torch.Tensor, bool], np.ndarray]   # (latents [C, n, h, w], starts the
-    frames: int                                                   #  video) -> uint8 [T, H, W, 3]
+    decode_latents: Callable[[torch.Tensor, bool], np.ndarray]
+    frames: int
     skip: int = 0
     temporal: int = 1
     kind: str = "procedural codec"
+    history: int = 0
+    _next: int | None = field(default=None, repr=False)   # the latent a causal stream expects next
 
     def first_frame(self, latent: int) -> int:
-        """First frame of video latent `latent` (uncropped)."""
+        """First stream frame of latent `latent` (uncropped, reference latents counted)."""
         if self.temporal == 1 or latent == 0:
             return latent
         return self.temporal * latent - (self.temporal - 1)
 
     def frame_range(self, start: int, end: int) -> tuple[int, int]:
-        """Frames [f0, f1) of video latents [start, end) (latent indices count the reference)."""
-        first, last = max(start, self.skip) - self.skip, max(end, self.skip) - self.skip
-        if last <= first:
-            return min(self.first_frame(first), self.frames), min(self.first_frame(first), self.frames)
-        return min(self.first_frame(first), self.frames), min(self.first_frame(last), self.frames)
+        """Video frames [f0, f1) of latents [start, end) (latent indices count the reference)."""
+        base = self.first_frame(self.skip)
+        f0 = self.first_frame(max(start, self.skip)) - base
+        f1 = self.first_frame(max(end, self.skip)) - base
+        return min(f0, self.frames), min(max(f1, f0), self.frames)
 
     def decode(self, latents: torch.Tensor, start: int) -> np.ndarray | None:
         """Frames of the latents [start, start + n) (`latents` [C, n, h, w]); None when they hold
         no video frame (the reference prefix, or the rounding past the end)."""
         f0, f1 = self.frame_range(start, start + latents.shape[1])
+        if self.history:
+            if start != 0 and start != self._next:
+                raise RuntimeError(f"the causal decoder expects latent {self._next}, got {start}: a stream "
+                                   f"is fed in order, once (resume it with FrameDecoder.resume)")
+            frames = self.decode_latents(latents, start == 0)
+            self._next, offset = start + latents.shape[1], self.first_frame(start)
+        else:
+            if f1 <= f0:
+                return None
+            begin = max(start, self.skip)
+            frames = self.decode_latents(latents[:, begin - start:], begin == 0)
+            offset = self.first_frame(begin)
         if f1 <= f0:
             return None
-        first = max(start, self.skip) - self.skip
-        frames = self.decode_latents(latents[:, max(self.skip - start, 0):], first == 0)
-        offset = self.first_frame(first)
-        return frames[f0 - offset:f1 - offset]
+        shift = self.first_frame(self.skip) - offset       # stream frame of video frame 0, in `frames`
+        return frames[f0 + shift:f1 + shift]
+
+    def history_after(self, previous: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor | None:
+        """The last `history` latents of the stream once `new` [C, n, h, w] follows `previous`
+        (None for a stateless decoder): what a checkpoint keeps to resume the stream."""
+        if not self.history:
+            return None
+        joined = new if previous is None else torch.cat([previous.to(new.device, new.dtype), new], dim=1)
+        return joined[:, -self.history:].detach().clone()
+
+    def resume(self, history: torch.Tensor | None, next_latent: int) -> None:
+        """Continue the stream at latent `next_latent`: a causal decoder is reset and warmed on
+        `history` (the latents just before it; their frames are dropped)."""
+        if not self.history:
+            return
+        self._next = next_latent
+        if next_latent == 0:
+            return
+        if history is None or history.shape[1] < min(self.history, next_latent):
+            have = 0 if history is None else history.shape[1]
+            raise ValueError(f"the checkpoint keeps {have} decoder history latent(s), {self.kind} needs "
+                             f"{min(self.history, next_latent)} to resume at latent {next_latent}; start over "
+                             f"in a new out folder")
+        self.decode_latents(history, True)
 
 
 def latent_preview(latents: torch.Tensor, first_is_single: bool) -> np.ndarray:
@@ -83,12 +131,29 @@ def latent_preview(latents: torch.Tensor, first_is_single: bool) -> np.ndarray:
     (no whole-video statistics: segments decode alike), 4x in time, 8x in space. The video's
     first latent gives one frame, as Wan's causal VAE does."""
     rgb = torch.sigmoid(latents[:3].detach().cpu().float() * 0.5)  # [3, n, h, w]
-    repeats = torch.full((rgb.shape[1],), WAN_TEMPORAL, dtype=torch.long)
+    repeats = torch.full((rgb.shape[1],), sky.VAE_TEMPORAL, dtype=torch.long)
     if first_is_single:
         repeats[0] = 1
     rgb = rgb.repeat_interleave(repeats, dim=1)
-    rgb = rgb.repeat_interleave(WAN_SPATIAL, 2).repeat_interleave(WAN_SPATIAL, 3)
+    rgb = rgb.repeat_interleave(sky.VAE_SPATIAL, 2).repeat_interleave(sky.VAE_SPATIAL, 3)
     return (rgb.permute(1, 2, 3, 0) * 255).round().to(torch.uint8).numpy()
+
+
+class VAEFrames:
+    """`FrameDecoder.decode_latents` of the Wan VAE: one `VAEStreamDecoder` per video; pixels in
+    [-1, 1] -> uint8 as upstream ((x / 2 + 0.5) clamped, x 255, truncated)."""
+
+    def __init__(self, vae: torch.nn.Module):
+        from pipelines.wan.vae import VAEStreamDecoder
+
+        self.stream = VAEStreamDecoder(vae)
+
+    def __call__(self, latents: torch.Tensor, starts_stream: bool) -> np.ndarray:
+        if starts_stream:
+            self.stream.reset()
+        video = self.stream.decode_next(latents[None])[0]                 # [3, T, H, W] in [-1, 1]
+        pixels = ((video / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8)   # truncation, as upstream
+        return pixels.permute(1, 2, 3, 0).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -114,6 +179,9 @@ class VideoPlan:
     accel_mismatch: list[str] = field(default_factory=list)
     defaults: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"                # where this process runs the model (`resolve_device`)
+    resolution: str = ""               # frame size "WxH" (SkyReels-V2: also the named one, in `defaults`)
+    reference_latents: int = 0         # clean latents segment 0 starts from (reference block, image, video)
+    decode: str = "procedural codec"   # "wan vae" | "latent preview" | "procedural codec"
 
     @property
     def overlap(self) -> int:
@@ -131,34 +199,102 @@ def describe(spec: JobSpec) -> VideoPlan:
     if kind == "procedural":
         from pipelines.procedural.bundle import schedule_from_defaults
 
+        _refuse_skyreels_fields(spec)
         args = _schedule(lambda **o: schedule_from_defaults(defaults, **o), spec)
         fps = spec.fps or int(defaults.get("fps", 8))
         channels = int(defaults.get("latent_channels", model_config.get("in_dim", 16)))
         patch = 4
-        latent_size = (int(defaults.get("height", 64)) // patch, int(defaults.get("width", 64)) // patch)
+        height, width = int(defaults.get("height", 64)), int(defaults.get("width", 64))
+        latent_size = (height // patch, width // patch)
         frames = spec.frame_count(fps)
         skip = args.causal_block_size if defaults.get("reference_block", False) else 0
         latent_frames = skip + math.ceil(frames / args.causal_block_size) * args.causal_block_size
-        temporal = 1
+        temporal, reference, decode, frame_size = 1, skip, "procedural codec", f"{width}x{height}"
     else:
-        fps = spec.fps or 24
-        frames = spec.frame_count(fps)
-        cbs = spec.causal_block_size or (2 if kind == "tiny" else 1)
-        latent_frames = math.ceil((math.ceil((frames - 1) / WAN_TEMPORAL) + 1) / cbs) * cbs   # covers every frame
-        base = spec.base_frames or min(latent_frames, 8 if kind == "tiny" else 25)
-        overlap = spec.overlap if spec.overlap is not None else min(2 * cbs, base - cbs)
-        args = _schedule(ScheduleArgs, spec, defaults={
-            "num_steps": 8 if kind == "tiny" else 30, "shift": 8.0, "guidance_scale": 6.0, "ar_step": 2,
-            "causal_block_size": cbs, "base_num_frames": base,
-            "overlap_frames": overlap if latent_frames > base else None, "fps": fps})
-        channels = int(model_config.get("in_dim", 16))
-        latent_size = TINY_LATENT if kind == "tiny" else SKYREELS_540P_LATENT
-        skip, temporal = 0, WAN_TEMPORAL
+        args, fps, frames, latent_frames, skip, reference, resolution = _describe_skyreels(
+            spec, kind, source, defaults, model_config)
+        channels = int(model_config.get("in_dim", sky.LATENT_CHANNELS))
+        latent_size, frame_size = resolution.latent_size, resolution.size_text
+        temporal, decode = sky.VAE_TEMPORAL, ("wan vae" if spec.decode == "vae" else "latent preview")
     _check_block_multiples(args)
     segments = plan_segments(latent_frames, args.base_num_frames, args.overlap_frames)
     accel, accel_source, mismatch = resolve_accel(spec, args, frames, source if kind == "procedural" else None)
     return VideoPlan(spec, kind, source, args, frames, fps, channels, latent_size, latent_frames, skip,
-                     temporal, segments, accel, accel_source, mismatch, defaults, resolve_device(spec))
+                     temporal, segments, accel, accel_source, mismatch, defaults, resolve_device(spec),
+                     frame_size, reference, decode)
+
+
+def _refuse_skyreels_fields(spec: JobSpec) -> None:
+    """Fields only a SkyReels-V2 model reads: one line instead of silently ignoring them."""
+    for name, why in (("image", "image-to-video"), ("video", "continuation"), ("resolution", "another frame size")):
+        if getattr(spec, name) is not None:
+            raise SpecError(f"spec field {name!r}: the procedural model makes 64x64 videos from text only; "
+                            f"{why} needs a SkyReels-V2 model (model: tiny or an official folder)")
+    if spec.decode != "vae":
+        raise SpecError("spec field 'decode': the procedural model decodes with its own codec; decode: preview "
+                        "is for SkyReels-V2 models")
+
+
+def _describe_skyreels(spec: JobSpec, kind: str, source: str, defaults: dict[str, Any],
+                       model_config: dict[str, Any]) -> tuple[ScheduleArgs, int, int, int, int, int, sky.Resolution]:
+    """(schedule, fps, frames, latent frames, skip, reference latents, resolution) of a SkyReels-V2
+    run, from `family` defaults and the spec; `defaults` gets the named size and resolution."""
+    size = "tiny" if kind == "tiny" else sky.size_name(model_config, source)
+    named = spec.resolution or sky.default_resolution(size)
+    resolution = sky.parse_resolution(named)
+    sampling = sky.sampling_defaults(size)
+    fps = spec.fps or sampling.fps
+    frames = spec.frame_count(fps)
+    cbs = spec.causal_block_size or (1 if spec.image is not None else sampling.causal_block_size)
+    if spec.image is not None and cbs != 1:
+        raise SpecError(f"spec field 'causal_block_size': {cbs}, but image-to-video conditions on one latent "
+                        f"frame (the image): use causal_block_size 1 (upstream silently drops the image)")
+    if spec.video is not None:
+        # the prefix: `overlap` latents of the video's last frames, whole causal blocks; not in the output
+        reference = spec.overlap if spec.overlap is not None else sampling.overlap_latents
+        reference = max(cbs, reference - reference % cbs)
+        skip = reference
+        latent_frames = reference + _round_up(math.ceil(frames / sky.VAE_TEMPORAL), cbs)
+    else:
+        reference = 1 if spec.image is not None else 0     # the image is the video's first latent
+        skip = 0
+        latent_frames = _round_up(sky.latents_for_frames(frames), cbs)   # covers every frame
+    window = resolution.base_latents or sampling.base_latents
+    base = spec.base_frames or min(latent_frames, max(cbs, window - window % cbs))
+    if reference and reference >= base:
+        raise SpecError(f"spec field 'base_frames': the first window ({base} latents) must be longer than the "
+                        f"clean prefix ({reference} latents); raise base_frames or lower overlap")
+    overlap_default = min(_round_up(sampling.overlap_latents, cbs), base - cbs)
+    overlap = spec.overlap if spec.overlap is not None else overlap_default
+    args = _schedule(ScheduleArgs, spec, defaults={
+        "num_steps": sampling.num_steps, "shift": sampling.shift, "guidance_scale": sampling.guidance_scale,
+        "ar_step": sampling.ar_step, "causal_block_size": cbs, "base_num_frames": base,
+        "overlap_frames": overlap if latent_frames > base else None,
+        "addnoise_condition": sampling.addnoise_condition, "fps": fps})
+    defaults.update({"size": size, "resolution": resolution.name, "transformer": model_config})
+    check_media(spec)                                  # an image / video exists (read in `load`)
+    return args, fps, frames, latent_frames, skip, reference, resolution
+
+
+def _round_up(value: int, block: int) -> int:
+    return math.ceil(value / block) * block
+
+
+def default_frames(model: str | None, resolution: str | None = None) -> int:
+    """`scope generate`'s length when the spec gives none: upstream's for a SkyReels-V2 folder (the
+    named resolution's window: 97 frames at 540p, 121 at 720p), 48 for the procedural and tiny
+    models. Reads config.json only; a bad folder falls back to 48 (`describe` then says why)."""
+    if model is None or model == "tiny":
+        return sky.TINY_SAMPLING.frames
+    try:
+        folder = model.rstrip("/")
+        if _read_json(folder, "pipeline.json", required=False) is not None:
+            return sky.TINY_SAMPLING.frames
+        size = sky.size_name(_read_json(folder, "config.json", required=True), folder)
+        named = sky.parse_resolution(resolution or sky.default_resolution(size))
+    except (SpecError, ValueError):
+        return sky.TINY_SAMPLING.frames
+    return named.base_frames or sky.sampling_defaults(size).frames
 
 
 class DeviceError(SpecError):
@@ -196,7 +332,8 @@ def _schedule(build: Callable[..., ScheduleArgs], spec: JobSpec, defaults: dict[
     """ScheduleArgs from the spec's overrides; its own checks become spec errors."""
     overrides = {"num_steps": spec.steps, "shift": spec.shift, "guidance_scale": spec.guidance,
                  "ar_step": spec.ar_step, "causal_block_size": spec.causal_block_size,
-                 "base_num_frames": spec.base_frames, "overlap_frames": spec.overlap}
+                 "base_num_frames": spec.base_frames, "overlap_frames": spec.overlap,
+                 "addnoise_condition": spec.addnoise_condition}
     values = dict(defaults or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
@@ -208,11 +345,9 @@ def _schedule(build: Callable[..., ScheduleArgs], spec: JobSpec, defaults: dict[
 def _describe_model(spec: JobSpec) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
     """(kind, source, pipeline defaults, transformer config) from JSON files only."""
     if spec.model == "tiny":
-        from dataclasses import asdict
-
         from pipelines.skyreels_v2.sizes import config_for
 
-        return "tiny", "tiny", {}, asdict(config_for("tiny"))
+        return "tiny", "tiny", {}, {**config_for("tiny").to_dict(), "_vae": None, "_text_encoder": None}
     if spec.model is None:
         from pipelines.procedural.bundle import WEIGHTS_DIR
 
@@ -226,11 +361,66 @@ def _describe_model(spec: JobSpec) -> tuple[str, str, dict[str, Any], dict[str, 
             raise SpecError(f"spec field 'model': {short(folder)} is a procedural bundle on remote storage; "
                             f"copy it to a local folder first")
         return "procedural", folder, pipeline, config
-    if spec.context is None:
-        raise SpecError(f"spec field 'context': the checkpoint {short(folder)} needs precomputed umT5 "
-                        f"embeddings (context: embeddings.safetensors with 'context' [L, text_dim]); the "
-                        f"umT5 encoder is not built in yet")
-    return "checkpoint", folder, {}, config
+    return "checkpoint", folder, {}, _check_skyreels_folder(spec, folder)
+
+
+def _check_skyreels_folder(spec: JobSpec, folder: str) -> dict[str, Any]:
+    """An official SkyReels-V2 folder, checked before any weights load: config.json is a valid
+    config, the transformer's safetensors are listed, and every other file this run needs exists
+    (the VAE to decode or to encode an image / video, umT5 + tokenizer unless `context` is given).
+    Optional sidecars (`vae_config.json`, `text_encoder_config.json`) give non-official part sizes.
+    Returns the transformer config (defaults filled in); the sidecars go into it under '_vae' and
+    '_text_encoder'."""
+    from fsspec.core import url_to_fs
+
+    from pipelines.skyreels_v2.checkpoint import read_config, shard_names
+
+    fs, root = url_to_fs(folder)
+    config = read_config(fs, root, label=f"{folder}/{sky.CONFIG_FILE}")       # one line naming the file
+    shard_names(fs, root, where=folder)                                       # the weights are there
+    need_vae = spec.decode == "vae" or spec.image is not None or spec.video is not None
+    missing = sky.missing_files(folder, text_encoder=spec.context is None, vae=need_vae)
+    if missing:
+        fixes = ["download the missing file(s) into the model folder"]
+        if spec.context is None and any(sky.UMT5_FILE in m or sky.TOKENIZER_DIR in m for m in missing):
+            fixes.append("or give context: precomputed umT5 embeddings")
+        only_decodes = spec.decode == "vae" and spec.image is None and spec.video is None
+        if only_decodes and any(sky.VAE_FILE in m for m in missing):
+            fixes.append("or set decode: preview for a latent preview")
+        raise SpecError(f"spec field 'model': missing {'; '.join(missing)}; {', '.join(fixes)}")
+    values = config.to_dict()
+    vae = _read_json(folder, sky.VAE_CONFIG_FILE, required=False) if need_vae else None
+    text = _read_json(folder, sky.TEXT_ENCODER_CONFIG_FILE, required=False) if spec.context is None else None
+    _check_sidecars(folder, config, vae, text)
+    values.update({"_vae": vae, "_text_encoder": text})
+    return values
+
+
+def _check_sidecars(folder: str, config: Any, vae: dict[str, Any] | None, text: dict[str, Any] | None) -> None:
+    """The parts' configs fit the transformer and the family's latent geometry (one line naming the file)."""
+    from pipelines.wan.vae import WanVAEConfig
+
+    if vae is not None:
+        where = f"{folder}/{sky.VAE_CONFIG_FILE}"
+        try:
+            vae_config = WanVAEConfig.from_dict(vae)
+        except (TypeError, ValueError) as err:
+            raise SpecError(f"{where}: {short(str(err), 300)}") from None
+        geometry = (vae_config.z_dim, vae_config.temporal_stride, vae_config.spatial_stride)
+        if geometry != (config.in_dim, sky.VAE_TEMPORAL, sky.VAE_SPATIAL):
+            raise SpecError(f"{where}: z_dim {geometry[0]}, strides {geometry[1]} x {geometry[2]}; the transformer "
+                            f"reads {config.in_dim} channels and SkyReels-V2 latents are 4x in time, 8x in space")
+    if text is not None:
+        from pipelines.wan.umt5 import UMT5Config
+
+        where = f"{folder}/{sky.TEXT_ENCODER_CONFIG_FILE}"
+        try:
+            dim = UMT5Config.from_dict(text).dim
+        except (TypeError, ValueError) as err:
+            raise SpecError(f"{where}: {short(str(err), 300)}") from None
+        if dim != config.text_dim:
+            raise SpecError(f"{where}: dim {dim}, but the transformer reads text_dim {config.text_dim} "
+                            f"({sky.CONFIG_FILE}); the text encoder must match it")
 
 
 def _read_json(folder: str, name: str, required: bool) -> dict[str, Any] | None:
@@ -352,13 +542,20 @@ def available_memory_bytes() -> int:
 def segment_bytes(plan: VideoPlan) -> int:
     """What one segment holds in memory at most: its latents, noise and one solver state per
     frame (~6 copies), the model window's activations (~16 copies of the tokens at the model
-    width is generous for a block), and its decoded frames."""
+    width is generous for a block), and its decoded frames; with the Wan VAE on the CPU also the
+    decoder's working set (one latent frame at a time: ~24 full-resolution frames of its base width,
+    activations plus the causal cache; ~8.5 GB at 720P for the official width 96)."""
     h, w = plan.latent_size
     window = max(s.num_frames for s in plan.segments)
     latent = plan.channels * window * h * w * 4
     frames_per_latent = plan.temporal
-    pixels = window * frames_per_latent * h * w * (WAN_SPATIAL if plan.temporal > 1 else 4) ** 2 * 3
-    return 6 * latent + 16 * latent * 8 + pixels
+    pixels = window * frames_per_latent * h * w * (sky.VAE_SPATIAL if plan.temporal > 1 else 4) ** 2 * 3
+    decoder = 0
+    if plan.decode == "wan vae" and plan.device == "cpu":
+        sidecar = plan.defaults.get("transformer", {}).get("_vae") or {}
+        vae_dim = int(sidecar.get("dim", 4 if plan.kind == "tiny" else 96))
+        decoder = 24 * h * w * sky.VAE_SPATIAL ** 2 * vae_dim * 4
+    return 6 * latent + 16 * latent * 8 + pixels + decoder
 
 
 def check_memory(plan: VideoPlan, keep_latents: bool = False) -> None:
@@ -396,7 +593,9 @@ def load(plan: VideoPlan, models: dict[str, Any] | None = None) -> LoadedVideo:
     many videos load each model once; the text, prefix and decoder are per video."""
     if plan.kind == "procedural":
         return _load_procedural(plan, models if models is not None else {})
-    return _load_skyreels(plan, models if models is not None else {})
+    # one video (models None): the text encoder is freed once the prompts are encoded, before the
+    # transformer loads; a worker making many videos keeps it in its cache instead
+    return _load_skyreels(plan, models if models is not None else {}, keep_text_encoder=models is not None)
 
 
 def _load_procedural(plan: VideoPlan, models: dict[str, Any]) -> LoadedVideo:
@@ -421,42 +620,115 @@ def _load_procedural(plan: VideoPlan, models: dict[str, Any]) -> LoadedVideo:
                        {"decode": "procedural codec"})
 
 
-def _load_skyreels(plan: VideoPlan, models: dict[str, Any]) -> LoadedVideo:
+def _load_skyreels(plan: VideoPlan, models: dict[str, Any], keep_text_encoder: bool = False) -> LoadedVideo:
+    """Text first (umT5, then freed: the XXL encoder and the 14B transformer never sit in memory
+    together), then the transformer, the VAE (decoder and, for an image / video, encoder), the
+    clean prefix and the frame decoder."""
+    spec, config = plan.spec, plan.defaults["transformer"]
+    context, negative, text_source = _encode_text(plan, models, keep_text_encoder)       # 1. text
+    model = _transformer(plan, models)                                                   # 2. DF transformer
+    vae = _vae(plan, models) if plan.decode == "wan vae" or plan.reference_latents else None   # 3. VAE
+    reference = _encode_reference(plan, vae) if plan.reference_latents else None         # 4. clean prefix
+    if plan.decode == "wan vae":                                                         # 5. decoder
+        decoder = FrameDecoder(VAEFrames(vae), plan.frames, skip=plan.skip, temporal=sky.VAE_TEMPORAL,
+                               kind="Wan VAE (streaming)", history=sky.DECODER_HISTORY)
+    else:
+        decoder = FrameDecoder(latent_preview, plan.frames, skip=plan.skip, temporal=sky.VAE_TEMPORAL,
+                               kind="latent preview")
+    extra = {"decode": decoder.kind, "text": text_source, "resolution": plan.resolution,
+             "size": plan.defaults.get("size") or "custom", "text_len": config["text_len"]}
+    if spec.image is not None or spec.video is not None:
+        what = "image" if spec.image is not None else "video"
+        extra["conditioning"] = f"{what} -> {plan.reference_latents} clean latent(s)"
+    return LoadedVideo(model, context.to(plan.device), negative.to(plan.device), reference, decoder, extra)
+
+
+def _transformer(plan: VideoPlan, models: dict[str, Any]) -> torch.nn.Module | None:
     from pipelines.skyreels_v2.checkpoint import load_transformer
     from pipelines.skyreels_v2.model import WanDFTransformer
     from pipelines.skyreels_v2.sizes import config_for
 
-    spec = plan.spec
-    if spec.backend == "ray" and plan.kind == "checkpoint":
+    if plan.spec.backend == "ray" and plan.kind == "checkpoint":
         # the stages hold the weights: the driver needs only the config (a 14B model would
         # otherwise sit in the driver's memory for nothing)
-        from pipelines.skyreels_v2.parallelize import checkpoint_config
+        return None
+    key = f"{plan.source}@{plan.device}"
+    if key not in models:
+        if plan.kind == "tiny":
+            torch.manual_seed(0)   # seeded random weights: the same "model" every run
+            models[key] = WanDFTransformer(config_for("tiny")).eval().to(plan.device)
+        else:
+            models[key] = load_transformer(plan.source, device=plan.device).eval()
+    return models[key]
 
-        model, config = None, checkpoint_config(plan.source)
+
+def _vae(plan: VideoPlan, models: dict[str, Any]) -> torch.nn.Module:
+    key = f"{plan.source}:vae@{plan.device}"
+    if key not in models:
+        folder = None if plan.kind == "tiny" else plan.source
+        models[key] = sky.build_vae(folder, plan.device, plan.defaults["transformer"].get("_vae"))
+    return models[key]
+
+
+def _encode_text(plan: VideoPlan, models: dict[str, Any], keep: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(context, negative [1, text_len, text_dim] float32, where they came from): the spec's
+    embeddings file, else the model's umT5 on the prompt and the negative prompt (upstream's when
+    the spec gives none; not encoded when guidance <= 1 turns CFG off)."""
+    spec, config = plan.spec, plan.defaults["transformer"]
+    if spec.context is not None:
+        context, negative = _load_context(spec, config["text_len"], config["text_dim"])
+        return context, negative, f"context file {short(spec.context)}"
+    key = f"{plan.source}:umt5@{plan.device}"
+    encoder = models.get(key)
+    if encoder is None:
+        folder = None if plan.kind == "tiny" else plan.source
+        encoder = sky.build_text_encoder(folder, config["text_len"], plan.device, config.get("_text_encoder"))
+    negative_prompt = spec.negative_prompt or sky.NEGATIVE_PROMPT
+    with torch.no_grad():
+        context = encoder([spec.prompt]).float()
+        negative = encoder([negative_prompt]).float() if plan.args.guidance_scale > 1 else torch.zeros_like(context)
+    if keep:
+        models[key] = encoder
     else:
-        key = f"{plan.source}@{plan.device}"
-        if key not in models:
-            if plan.kind == "tiny":
-                torch.manual_seed(0)   # seeded random weights: the same "model" every run
-                models[key] = WanDFTransformer(config_for("tiny")).eval().to(plan.device)
-            else:
-                models[key] = load_transformer(plan.source, device=plan.device).eval()
-        model = models[key]
-        config = model.config
-    context, negative = _load_context(spec, config.text_len, config.text_dim)
-    context, negative = context.to(plan.device), negative.to(plan.device)
-    decoder = FrameDecoder(latent_preview, plan.frames, skip=0,
-                           temporal=WAN_TEMPORAL, kind="latent preview (no VAE yet)")
-    return LoadedVideo(model, context, negative, None, decoder, {"decode": "latent preview (no VAE yet)"})
+        del encoder
+        _release_memory(plan.device)
+    for name, tensor in (("prompt", context), ("negative prompt", negative)):
+        if not torch.isfinite(tensor).all():
+            raise SpecError(f"spec field 'model': the text encoder gave NaN or inf for the {name}; check "
+                            f"{sky.UMT5_FILE} (re-download it) or give context: precomputed embeddings")
+    source = "tiny umT5 (random weights, hashing tokenizer)" if plan.kind == "tiny" else f"umT5 ({sky.UMT5_FILE})"
+    return context, negative, source
+
+
+def _release_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _encode_reference(plan: VideoPlan, vae: torch.nn.Module) -> torch.Tensor:
+    """Segment 0's clean prefix [C, P, h, w]: the image (1 latent, the video's first) or the video's
+    last 1 + 4(P - 1) frames (P latents before the video), VAE-encoded as upstream."""
+    from jobs.media import read_image, read_last_frames
+
+    spec = plan.spec
+    height, width = (side * sky.VAE_SPATIAL for side in plan.latent_size)
+    if spec.image is not None:
+        pixels = read_image(spec, width, height)                                       # [3, 1, H, W]
+    else:
+        pixels = read_last_frames(spec, sky.frames_for_latents(plan.reference_latents), width, height)
+    with torch.no_grad():
+        latents = vae.encode(pixels[None].to(plan.device))[0].float()                  # [16, P, h, w]
+    if latents.shape[1] != plan.reference_latents or not torch.isfinite(latents).all():
+        raise SpecError(f"spec field {'image' if spec.image is not None else 'video'!r}: the VAE gave "
+                        f"{latents.shape[1]} latent(s), expected {plan.reference_latents} finite ones")
+    return latents
 
 
 def _load_context(spec: JobSpec, text_len: int, text_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text embeddings for a checkpoint without a built-in text encoder (checked finite)."""
-    if spec.context is None:
-        # tiny random model: a deterministic embedding of the prompt text
-        digest = int.from_bytes(__import__("hashlib").sha256(spec.prompt.encode()).digest()[:8], "little")
-        context = torch.randn(1, text_len, text_dim, generator=torch.Generator().manual_seed(digest % 2**63))
-        return context, torch.zeros_like(context)
+    """Precomputed text embeddings from the spec's `context` file (checked finite)."""
     tensors = _read_context_file(spec)
     if "context" not in tensors:
         raise SpecError(f"spec field 'context': {short(spec.context)} has no tensor 'context' "

@@ -25,6 +25,7 @@ MAX_FRAMES = 100_000_000         # hard sanity cap; the job also caps duration b
 MAX_VIDEO_SECONDS = 24 * 3600    # one job makes at most a day of video: split longer ones
 ACCEL_METHODS = ("none", "scope", "teacache", "flowcache", "taylorseer", "fbcache", "magcache")
 BACKENDS = ("local", "ray")
+DECODE_MODES = ("vae", "preview")
 # fields that change no output byte: a resume may differ in them
 NOT_IN_FINGERPRINT = ("out", "storage_options", "storage_timeout_s", "checkpoint_every", "replicas", "batch_size")
 
@@ -119,6 +120,16 @@ def _storage_options(name: str, value: Any) -> dict[str, Any]:
                         f"({short(str(err), 80)}); quote dates and other values") from None
 
 
+def _resolution(name: str, value: Any) -> str:
+    from pipelines.skyreels_v2.family import parse_resolution
+
+    text = _text(32, "720p")(name, value)
+    try:
+        return parse_resolution(text).name
+    except ValueError as err:
+        raise SpecError(f"spec field {name!r}: {err}") from None
+
+
 def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     return lambda name, value: None if value is None else check(name, value)
 
@@ -131,6 +142,9 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "seed": _int(0, 2**63 - 1, "0"),
     "model": _optional(_text(4096, "tiny")),
     "context": _optional(_text(4096, "embeddings.safetensors")),
+    "image": _optional(_text(4096, "first_frame.png")),
+    "video": _optional(_text(4096, "clip.mp4")),
+    "resolution": _optional(_resolution),
     "accel": _accel,
     "steps": _optional(_int(1, 1000, "30")),
     "shift": _optional(_float(0.0, 100.0, "8.0", open_low=True)),
@@ -139,7 +153,9 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "causal_block_size": _optional(_int(1, 1000, "5")),
     "base_frames": _optional(_int(1, 100_000, "25 (latent frames per window)")),
     "overlap": _optional(_int(0, 100_000, "5 (latent frames)")),
+    "addnoise_condition": _optional(_int(0, 999, "20 (README; at most ~50)")),
     "fps": _optional(_int(1, 240, "24")),
+    "decode": _choice(DECODE_MODES),
     "out": _text(4096, "out/video or s3://bucket/videos/run-1"),
     "checkpoint_every": _int(1, 1_000_000, "1 (segments)"),
     "backend": _choice(BACKENDS),
@@ -159,7 +175,17 @@ class JobSpec:
     """What to generate, with what, and where to put it. Checked as a whole in `__post_init__`.
 
     frames | duration_s: the video's length (exactly one; duration_s x the model's fps).
+    negative_prompt: "" = the model's default (SkyReels-V2: upstream's Chinese negative prompt).
     model: None = the embedded procedural model; "tiny"; or a folder / fsspec URL.
+    context: precomputed text embeddings (safetensors 'context' [L, text_dim], optional
+        'negative_context'); None = the model's own text encoder (SkyReels-V2: umT5 from the folder).
+    image | video (SkyReels-V2, at most one; path or URL): image-to-video (the image is the first
+        latent, as upstream) or continuation (the video's last 1 + 4 x (overlap - 1) frames are the
+        clean prefix; the output holds only the new frames). Encoded by the VAE.
+    resolution: "540p", "720p" or "WxH" (multiples of 16); None = what the model's size implies.
+    addnoise_condition: noise level given to a clean prefix (upstream's flag; None = the model's default).
+    decode: "vae" (the real decoder) or "preview" (SkyReels-V2 only: a latent preview, no VAE needed
+        unless image / video is set).
     accel: a method name, or the path / URL of an accel.json.
     steps, shift, guidance, ar_step, causal_block_size, base_frames, overlap, fps: schedule
         overrides (None = the model's default); base_frames / overlap in latent frames.
@@ -178,6 +204,9 @@ class JobSpec:
     seed: int = 0
     model: str | None = None
     context: str | None = None
+    image: str | None = None
+    video: str | None = None
+    resolution: str | None = None
     accel: str = "none"
     steps: int | None = None
     shift: float | None = None
@@ -186,7 +215,9 @@ class JobSpec:
     causal_block_size: int | None = None
     base_frames: int | None = None
     overlap: int | None = None
+    addnoise_condition: int | None = None
     fps: int | None = None
+    decode: str = "vae"
     out: str = "out/video"
     checkpoint_every: int = 1
     backend: str = "local"
@@ -215,6 +246,8 @@ class JobSpec:
         if self.backend == "local" and (self.stages > 1 or self.replicas > 1):
             raise SpecError(f"spec: stages={self.stages}, replicas={self.replicas} need backend 'ray' "
                             f"(the local backend is one process); set backend: ray or stages: 1")
+        if self.image is not None and self.video is not None:
+            raise SpecError("spec: give at most one of 'image' (image-to-video) and 'video' (continuation)")
         if self.overlap is not None and self.base_frames is not None and self.overlap >= self.base_frames:
             raise SpecError(f"spec field 'overlap': {self.overlap} must be smaller than base_frames "
                             f"({self.base_frames}), e.g. overlap 4 with base_frames 16")

@@ -107,6 +107,7 @@ class StageExecutor:
         self.units: StateStore[UnitState] = StateStore(UnitState)
         self.last_report = ExecReport()
         self.last_reports: list[ExecReport] = [self.last_report]
+        self.bytes_at_end: int | None = None   # memory_bytes() at the last end_request (monitoring)
 
     # -- execute ---------------------------------------------------------------------------------
     def execute(self, plan: CallPlan | Sequence[CallPlan], h: torch.Tensor, inputs: Any,
@@ -332,6 +333,8 @@ class StageExecutor:
             self.clear_history(request, chunks, branch)
 
     def end_request(self, request: str) -> None:
+        # plain stats for monitoring: what this range held when the request ended (a segment boundary)
+        self.bytes_at_end = self.memory_bytes()
         self.units.drop_request(request)
 
     def memory_bytes(self) -> int:

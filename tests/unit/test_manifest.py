@@ -312,7 +312,7 @@ def test_job_level_and_unknown_fields_in_hand_built_rows():
 def test_row_fields_and_numeric_types():
     assert ROW_FIELDS[:3] == ("id", "prompt", "frames") and not set(ROW_FIELDS) & set(JOB_LEVEL_FIELDS)
     assert set(INT_FIELDS) == {"frames", "seed", "steps", "ar_step", "causal_block_size", "base_frames",
-                               "overlap", "fps"}
+                               "overlap", "fps", "addnoise_condition"}
     assert set(FLOAT_FIELDS) == {"duration_s", "shift", "guidance"}
 
 

@@ -176,7 +176,7 @@ def test_a_ray_backend_driver_reads_a_checkpoints_config_not_its_weights(tmp_pat
     config = config_for("tiny")
     save_file({"context": torch.randn(config.text_len, config.text_dim)}, str(tmp_path / "ctx.safetensors"))
     spec = JobSpec(prompt="x", frames=9, model=str(tmp_path / "ckpt"), context=str(tmp_path / "ctx.safetensors"),
-                   backend="ray", stages=2)
+                   backend="ray", stages=2, decode="preview")   # transformer only: no VAE in the folder
     loaded = load(describe(spec))
     assert loaded.model is None and loaded.context.shape == (1, config.text_len, config.text_dim)
     local = load(describe(spec.with_overrides(backend="local", stages=1)))
