@@ -34,7 +34,7 @@ MONITORING = ROOT / "monitoring"
 BIN = Path(sys.executable).parent
 PROMETHEUS = os.environ.get("PROMETHEUS_BIN", "/usr/bin/prometheus")
 SD_FILE = "prom_metrics_service_discovery.json"      # Ray's name, under its temp dir
-STALL_EXPR = "scope:job_last_progress:age_seconds > 900"
+STALL_EXPR = "(ray_scope_job_last_progress_timestamp_seconds) > 900"
 
 
 def free_port() -> int:
@@ -124,7 +124,7 @@ def local_config(work: Path, sd_file: Path, *, scrape_s: float = 1.0, stall_afte
         (rule,) = [r for g in alerts["groups"] for r in g["rules"] if r.get("alert") == "ScopeJobStalled"]
         if STALL_EXPR not in rule["expr"]:
             raise ValueError(f"ScopeJobStalled no longer reads {STALL_EXPR!r}; update local_config")
-        rule["expr"] = rule["expr"].replace(STALL_EXPR, f"scope:job_last_progress:age_seconds > {stall_after_s:g}")
+        rule["expr"] = rule["expr"].replace(STALL_EXPR, STALL_EXPR.replace("900", f"{stall_after_s:g}"))
         rule["for"] = "0s"
     (work / "alert_rules.yml").write_text(yaml.safe_dump(alerts, sort_keys=False))
     path = work / "prometheus.yml"

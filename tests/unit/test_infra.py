@@ -201,4 +201,4 @@ def test_the_local_prometheus_changes_only_what_a_one_box_run_needs(tmp_path):
     assert yaml.safe_load((tmp_path / "recording_rules.yml").read_text()) == shipped_rules
     alerts = yaml.safe_load((tmp_path / "alert_rules.yml").read_text())
     stalled = [r for g in alerts["groups"] for r in g["rules"] if r.get("alert") == "ScopeJobStalled"][0]
-    assert "age_seconds > 6" in stalled["expr"] and stalled["for"] == "0s"
+    assert "(ray_scope_job_last_progress_timestamp_seconds) > 6" in stalled["expr"] and stalled["for"] == "0s"

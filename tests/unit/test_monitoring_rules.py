@@ -85,6 +85,7 @@ def test_every_metric_is_shown_or_used_and_rules_are_named_by_convention():
         assert read & set(m.series_names()), f"{m.series} is exported but no rule or panel reads it"
     for name in RECORDED:
         assert re.fullmatch(r"scope:[a-z0-9_]+:[a-z0-9_]+", name), f"{name}: level:metric:operations"
+        assert name in read, f"recording rule {name} is read by no panel, rule or alert"
     for panel in PANELS:
         assert any(read_name in RECORDED or read_name.startswith("ray_scope_") or read_name in PROMETHEUS_OWN
                    for q in panel.queries for read_name in series_names(q.expr))
