@@ -94,6 +94,13 @@ class Outputs:
     def read_record(self, key: str) -> dict[str, Any]:
         return json.loads(storage.read_bytes(self.record(key), self.options, self.timeout))
 
+    def sweep(self) -> list[str]:
+        """Temporaries of workers killed mid-upload (the driver calls this while no worker runs):
+        a retried row rewrote its object under the final name, so these are orphans."""
+        return [name for folder in ("", "videos", "rows")
+                for name in storage.sweep_temporaries(storage.join(self.out, folder) if folder else self.out,
+                                                      self.options, self.timeout)]
+
 
 # ------------------------------------------------------------------------------------ the worker
 
@@ -254,7 +261,11 @@ def run_dataset(manifest: str, out: str, base: JobSpec, *, workers: int = 1, bat
     if good and base.device.startswith("cuda") and gpus == 0:
         raise SpecError(f"spec field 'device': {base.device!r} but the workers reserve no GPU (the cluster "
                         f"has none, or --gpus-per-worker 0); use device: auto or cpu")
+    outputs.sweep()                                       # a crashed earlier submission's leftovers
     made = _generate_on_ray_data(good, outputs, workers, batch_size, progress, started, gpus) if good else 0
+    swept = outputs.sweep()                               # workers killed mid-upload during this one
+    if swept:
+        _say(f"dataset: removed {len(swept)} temporary object(s) left by killed workers")
     wrote_table = _write_table(outputs, rows, fresh=bool(good or bad))
     elapsed = time.perf_counter() - started
     summary = {"rows": len(rows), "already_done": len(committed & {r.key for r in rows}), "generated": made,

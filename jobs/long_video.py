@@ -83,6 +83,8 @@ def run_long_video(spec: JobSpec, progress: bool = True) -> dict[str, Any]:
     storage.check_writable(spec.out, spec.storage_options, spec.storage_timeout_s, what="out")
     folder = VideoFolder(spec, plan.fps)
     resumed = folder.claim()                               # 2. this folder is this spec's
+    if resumed:
+        folder.sweep()                                     # temporaries of the killed driver's writes
     _say(f"long-video: {plan.frames} frames ({plan.frames / plan.fps:.0f} s at {plan.fps} fps) in "
          f"{len(plan.segments)} segments -> {spec.out}; backend {spec.backend}, driver pid {os.getpid()}"
          + (", resuming" if resumed else ""))

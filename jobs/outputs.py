@@ -72,6 +72,12 @@ class VideoFolder:
                            f"spec, or choose another out folder")
         return True
 
+    def sweep(self) -> list[str]:
+        """Temporaries a killed writer left (call only while no writer of this job runs)."""
+        return [name for parts in ((), ("segments",), ("checkpoint",))
+                for name in storage.sweep_temporaries(self.path(*parts) if parts else self.root,
+                                                      self.options, self.timeout)]
+
     def is_complete(self) -> bool:
         return storage.exists(self.path("stats.json"), self.options, self.timeout)
 

@@ -650,6 +650,23 @@ def move(source: str, target: str, storage_options: dict | None = None,
     _remote("move", source, storage_options, timeout_s, relocate, writing=True)
 
 
+def is_temporary(name: str) -> bool:
+    """A name this module writes before the move into place: `<target>.partial-<hex>` remotely,
+    `.<target>.<random>.partial` locally. One left behind means its writer died mid-write."""
+    return ".partial-" in name or (name.startswith(".") and name.endswith(".partial"))
+
+
+def sweep_temporaries(folder: str, storage_options: dict | None = None,
+                      timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:
+    """Delete the temporaries directly under `folder` left by writers that died mid-write; call
+    it only when no writer of this folder is running (a job's driver before or after its
+    workers). Returns the names removed."""
+    gone = [name for name in list_names(folder, storage_options, timeout_s) if is_temporary(name)]
+    for name in gone:
+        remove(join(folder, name), storage_options, timeout_s)
+    return gone
+
+
 def remove(url: str, storage_options: dict | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Delete the file/object at `url`; a missing one is fine."""
     _check_timeout(timeout_s)

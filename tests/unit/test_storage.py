@@ -268,3 +268,16 @@ def test_list_names_lists_a_folder_once_and_a_missing_one_is_empty(tmp_path):
     for name in ("b.mp4", "a.mp4"):
         write_bytes(str(tmp_path / "segs" / name), b"x")
     assert list_names(str(tmp_path / "segs")) == ["a.mp4", "b.mp4"]
+
+
+def test_sweep_removes_only_temporaries_left_by_killed_writers(tmp_path):
+    from jobs import storage
+
+    (tmp_path / "a.mp4").write_bytes(b"done")
+    (tmp_path / ".a.mp4.x1y2.partial").write_bytes(b"half")           # local temp of a killed write
+    (tmp_path / "b.mp4.partial-0123abcd").write_bytes(b"half")        # remote-style temp key
+    (tmp_path / "partial-notes.txt").write_bytes(b"keep")
+    gone = storage.sweep_temporaries(str(tmp_path))
+    assert sorted(gone) == [".a.mp4.x1y2.partial", "b.mp4.partial-0123abcd"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "partial-notes.txt"]
+    assert storage.sweep_temporaries(str(tmp_path / "missing")) == []
