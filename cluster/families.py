@@ -2,7 +2,7 @@
 
 The cluster never imports a model file directly: each family gives a loader for one stage's
 weights, its ordered `parallelize_*` function, a whole-model loader (in-process runs) and its
-acceleration adapter.
+acceleration adapter (read from the family's table, `pipelines.families.table(name)`).
 """
 from __future__ import annotations
 
@@ -86,8 +86,8 @@ def _skyreels_load_model(spec: ModelSpec, device: str = "cpu") -> torch.nn.Modul
 
 
 def _skyreels_adapter() -> Any:
-    from pipelines.skyreels_v2.accel_adapter import WanStackAdapter
-    return WanStackAdapter()
+    from pipelines.families import table
+    return table("skyreels-v2").accel_adapter()      # the family's table (pipelines/skyreels_v2/family.py)
 
 
 # ----------------------------------------------------------------------------- MAGI-1
@@ -122,8 +122,8 @@ def _magi_load_model(spec: ModelSpec, device: str = "cpu") -> torch.nn.Module:
 
 
 def _magi_adapter() -> Any:
-    from pipelines.magi1.accel_adapter import MagiStackAdapter
-    return MagiStackAdapter()
+    from pipelines.families import table
+    return table("magi-1").accel_adapter()           # the family's table (pipelines/magi1/family.py)
 
 
 def _magi_check_replica(config: Any) -> None:

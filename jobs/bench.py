@@ -3,6 +3,8 @@
     scope bench --methods none,scope,teacache,flowcache,taylorseer,fbcache --prompts 6 \
         --frames 48 --rounds 2 --json bench.json --plot bench.png
     scope bench --prompts-file captions.txt ...     # one caption per line, '#' comments
+    scope bench --model magi-1-tiny --methods none,scope,teacache,flowcache,taylorseer,fbcache,magcache \
+        --sweep none --prompts 3 --frames 48       # another family: its own table's defaults
 
 What one run does (DESIGN section 5, "How we measure"):
 1. load the bundle, fix the thread count (the same for every method), warm up once untimed;
@@ -30,7 +32,10 @@ without Cache) and a timing control (the reference run again: its speedup shows 
 
 Output: a list of JSON objects (one per case; fields in `summarise_case`), a table on stdout and
 optionally a PSNR-vs-speedup plot. The function API (`bench_cases`, `run_bench_on`) takes any
-bundle-like object with `transformer`, `text_encoder`, `codec`, `defaults` and `schedule_args`.
+bundle-like object with `transformer`, `text_encoder`, `codec`, `defaults` and `schedule_args`;
+one with `generate_record(case, prompt, frames, seed, **overrides)` generates its own videos (a
+model family without the procedural checker: `jobs.magi.MagiBenchModel`, whose cases take their
+defaults from the family's table and whose rows carry no content accuracy).
 """
 from __future__ import annotations
 
@@ -50,7 +55,6 @@ import numpy as np
 import torch
 
 from jobs.quality import PSNR_CAP_DB, psnr, ssim
-from pipelines.wan.calibration import accel_defaults
 
 Log = Callable[[str], None]
 
@@ -160,11 +164,25 @@ def no_cache(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_cases(methods: Sequence[str], sweep: str = "default",
-                mag_ratios: dict[str, list[float]] | None = None, num_steps: int | None = None) -> list[BenchCase]:
+                mag_ratios: dict[str, list[float]] | None = None, num_steps: int | None = None,
+                family: str = "skyreels-v2", size: str | None = None,
+                scope_base: dict[str, Any] | None = None) -> list[BenchCase]:
     """Defaults, sweeps and ablations for the methods asked for ('none' adds the selective-only
     ablation and the timing control; the reference always runs). MagCache needs `mag_ratios`
-    measured on the model (`measure_mag_ratios`) and the schedule's `num_steps`."""
-    from scope.config import METHOD_CONFIGS
+    measured on the model (`measure_mag_ratios`) and the schedule's `num_steps`. Published
+    defaults and exact selective computation come from the model family's table (`family`,
+    `size`); `scope_base` is SCOPE's config at its defaults (None: the embedded model's shipped,
+    calibrated one)."""
+    from pipelines.families import table
+    from scope.config import METHOD_CONFIGS, AccelConfig
+
+    fam = table(family)
+    selective = dict(fam.SELECTIVE_EXACT)
+
+    def scope_of(**overrides: Any) -> dict[str, Any]:
+        if scope_base is None:
+            return scope_config(**overrides)
+        return AccelConfig.from_dict({**scope_base, **selective, **overrides}).to_dict()
 
     unknown = [m for m in methods if m not in METHOD_CONFIGS]
     if unknown:
@@ -178,43 +196,46 @@ def bench_cases(methods: Sequence[str], sweep: str = "default",
     cases: list[BenchCase] = []
     # 1. each method at its published / shipped defaults, with exact selective computation
     for m in methods:
-        if m == "scope":
+        if m == "scope" and scope_base is None:
             cases.append(BenchCase(m, "calibrated (shipped config)", scope_config(), "default", "scope defaults"))
+        elif m == "scope":
+            cases.append(BenchCase(m, "defaults", {**scope_base, **selective}, "default", "scope defaults"))
         elif m == "magcache":
-            cases.append(BenchCase(m, "defaults thr=0.12 K=2 ret=0.2", {"method": m, **mag, **SELECTIVE_EXACT},
+            cases.append(BenchCase(m, "defaults thr=0.12 K=2 ret=0.2", {"method": m, **mag, **selective},
                                    "default", "magcache defaults"))
         elif m != "none":
-            cases.append(BenchCase(m, "defaults", {"method": m, **accel_defaults(m), **SELECTIVE_EXACT}, "default",
-                                   f"{m} defaults"))
+            cases.append(BenchCase(m, "defaults", {"method": m, **fam.accel_defaults(m, size), **selective},
+                                   "default", f"{m} defaults"))
     # 2. sweeps of the main knob
     for m in methods:
         if m == "scope" and sweep == "frontier":
             for label, overrides in SCOPE_FRONTIER:
-                cases.append(BenchCase(m, label, scope_config(**overrides), "sweep", "scope frontier"))
+                cases.append(BenchCase(m, label, scope_of(**overrides), "sweep", "scope frontier"))
         for v in values.get(m, []) if m != "teacache" else values.get("teacache-global", []):
             if m == "scope":
-                cfg, label = scope_config(max_consecutive=int(v)), f"max_consecutive={int(v)}"
+                cfg, label = scope_of(max_consecutive=int(v)), f"max_consecutive={int(v)}"
             elif m == "teacache":
-                cfg = {"method": m, **TEACACHE_SWEEP_BASE, "threshold": v, "granularity": "global", **SELECTIVE_EXACT}
+                cfg = {"method": m, **TEACACHE_SWEEP_BASE, "threshold": v, "granularity": "global", **selective}
                 label = f"global thr={v:g} (no poly)"
             elif m == "taylorseer":
-                cfg, label = {"method": m, "interval": int(v), **SELECTIVE_EXACT}, f"interval={int(v)} per call"
+                cfg, label = {"method": m, "interval": int(v), **selective}, f"interval={int(v)} per call"
             elif m == "magcache":
-                cfg, label = {"method": m, **mag, "threshold": v, "max_skip_steps": 4, **SELECTIVE_EXACT}, \
+                cfg, label = {"method": m, **mag, "threshold": v, "max_skip_steps": 4, **selective}, \
                     f"thr={v:g} K=4"
             else:
-                cfg, label = {"method": m, "threshold": v, **SELECTIVE_EXACT}, f"thr={v:g}"
+                cfg, label = {"method": m, "threshold": v, **selective}, f"thr={v:g}"
             cases.append(BenchCase(m, label, cfg, "sweep", m))
     if sweep not in ("none", "frontier") and "taylorseer" in methods:   # labelled extra: the per-chunk counter
         cases.append(BenchCase("taylorseer", "interval=2 per chunk (extra, not the original)",
-                               {"method": "taylorseer", "interval": 2, "granularity": "chunk", **SELECTIVE_EXACT},
+                               {"method": "taylorseer", "interval": 2, "granularity": "chunk", **selective},
                                "sweep", "taylorseer per chunk"))
     # 3. ablations
     if "none" in methods:
-        cases.append(BenchCase("none", "selective computation alone (exact + kv_cache_finished)",
-                               {"method": "none", **SELECTIVE_EXACT}, "ablation", "selective only"))
+        what = " + ".join(["exact", *[k for k in selective if k.startswith("kv_cache")]])
+        cases.append(BenchCase("none", f"selective computation alone ({what})",
+                               {"method": "none", **selective}, "ablation", "selective only"))
     if "scope" in methods and sweep not in ("none", "frontier"):
-        ref = scope_config()
+        ref = scope_of()
         for label, cfg in (("Cache instead of Predict (order 0, same rule)", {**ref, "order": 0}),
                            ("Predict in sigma (the paper's coordinate)", {**ref, "coordinate": "sigma"}),
                            ("per-chunk indicator (granularity chunk)", {**ref, "granularity": "chunk"}),
@@ -340,6 +361,8 @@ def bench_prompts(bundle: Any, prompts_file: str | Path | None, n: int | None) -
 def generate_case(bundle: Any, case: BenchCase, prompt: str, frames: int, seed: int,
                   **overrides: Any) -> RunRecord:
     """Generate one video for a case (hooks applied outside the timed region) and check it."""
+    if hasattr(bundle, "generate_record"):         # a model that generates through its own chain
+        return bundle.generate_record(case, prompt, frames, seed, **overrides)
     from pipelines.procedural.bundle import generate_video
     from pipelines.procedural.checker import check_video
     from pipelines.skyreels_v2.accel_adapter import WanStackAdapter
@@ -395,8 +418,9 @@ def summarise_case(case: BenchCase, runs: Sequence[RunRecord], refs: Sequence[Ru
         for k, v in r.modes.items():
             modes[k] = modes.get(k, 0) + v
     attrs = ("colour", "shape", "motion")
-    agree = {k: float(np.mean([r.check[f"{k}_ok"] for r in runs])) for k in attrs}
-    all_ok = float(np.mean([all(r.check[f"{k}_ok"] for k in attrs) for r in runs]))
+    checked = all(f"{k}_ok" in r.check for r in runs for k in attrs)   # no checker: no content accuracy
+    agree = {k: float(np.mean([r.check[f"{k}_ok"] for r in runs])) if checked else None for k in attrs}
+    all_ok = float(np.mean([all(r.check[f"{k}_ok"] for k in attrs) for r in runs])) if checked else None
     return {
         "method": case.method, "setting": case.setting, "group": case.group, "series": case.series,
         "config": case.config if case.config is not None else {"method": "none", "hooks": False},
@@ -448,6 +472,9 @@ def run_bench_on(bundle: Any, cases: Sequence[BenchCase], prompts: Sequence[str]
                                                           or frames), seed, **overrides)
     started = time.perf_counter()
     records = _timed_rounds(bundle, entries, prompts, frames, seed, rounds, log, overrides)
+    if floor and not getattr(bundle, "supports_floor", True):
+        log("    (no overhead floor for this model: its K/V-writing passes need real blocks)")
+        floor = False
     floors = measure_floors(bundle, entries, prompts[0], frames, seed, log, **overrides) if floor else None
     run_info = _run_info(bundle, prompts, frames, seed, rounds, floors, overrides)
     run_info["bench_seconds"] = round(time.perf_counter() - started, 1)
@@ -481,8 +508,9 @@ def _timed_rounds(bundle: Any, entries: Sequence[BenchCase], prompts: Sequence[s
 def _log_generation(log: Log, case: BenchCase, run: RunRecord, ref: RunRecord) -> None:
     """One progress line; `ref` always exists here because round 0 runs the reference first."""
     if case.group == "reference":
-        log(f"    reference  {run.wall_s:6.2f} s (checker: {run.check['colour']} {run.check['shape']} "
-            f"{run.check['motion']})")
+        seen = (f" (checker: {run.check['colour']} {run.check['shape']} {run.check['motion']})"
+                if "colour" in run.check else "")
+        log(f"    reference  {run.wall_s:6.2f} s{seen}")
         return
     frac = run.block_evals / run.block_evals_full if run.block_evals_full else 1.0
     log(f"    {case.method:10s} {case.setting[:60]:60s} {run.wall_s:6.2f} s  "
@@ -493,7 +521,8 @@ def _run_info(bundle: Any, prompts: Sequence[str], frames: int, seed: int, round
               floors: list[float] | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """The settings every row shares (copied into each row's `run`)."""
     schedule = bundle.schedule_args(**overrides)
-    return {"frames": frames, "prompts": list(prompts), "seed": seed, "threads": torch.get_num_threads(),
+    return {"model": str(getattr(bundle, "path", "")), "frames": frames, "prompts": list(prompts), "seed": seed,
+            "threads": torch.get_num_threads(),
             "rounds": rounds, "repeats": rounds,    # `repeats`: the old name, for older readers
             "floor": None if floors is None else {"prompt": prompts[0], "seed": seed,
                                                   "reference_overhead_floor_s": round(floors[0], 4)},
@@ -596,10 +625,11 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         a = r["content_accuracy_per_attribute"]
+        content = "      -" if r["content_accuracy"] is None else f"{r['content_accuracy']:7.2f}"
+        per = "             -" if a["colour"] is None else f"{a['colour']:4.2f}/{a['shape']:4.2f}/{a['motion']:4.2f}"
         lines.append(f"{r['method']:10s} {r['setting'][:58]:58s} {r['speedup']:7.2f} {r['speedup_cpu']:6.2f} "
                      f"{r['block_eval_fraction']:6.3f} {r['psnr_db']:6.2f} {r['psnr_db_min']:6.2f} "
-                     f"{r['ssim']:6.4f} {r['content_accuracy']:7.2f}  "
-                     f"{a['colour']:4.2f}/{a['shape']:4.2f}/{a['motion']:4.2f} "
+                     f"{r['ssim']:6.4f} {content}  {per} "
                      f"{_optional(r.get('overhead_floor_s'), 7, '.3f')} {_optional(r.get('speedup_limit'), 6, '.2f')}")
     return "\n".join(lines)
 
@@ -655,7 +685,8 @@ def plot_bench(rows: Sequence[dict[str, Any]], path: str | Path, target_psnr: fl
     axes[0].set_ylim(bottom, top + 1)
     axes[0].set_ylabel(f"PSNR vs full compute (dB); exact runs ({PSNR_CAP_DB:g} dB cap) at the top")
     run = rows[0]["run"] if rows else {}
-    fig.suptitle(f"procedural model: {len(run.get('prompts', []))} held-out prompts x {run.get('frames')} frames, "
+    fig.suptitle(f"{run.get('model') or 'procedural model'}: {len(run.get('prompts', []))} prompts x "
+                 f"{run.get('frames')} frames, "
                  f"{run.get('threads')} thread(s), best of {run.get('rounds', run.get('repeats', 1))} "
                  f"interleaved timing round(s)", fontsize=10)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -688,6 +719,39 @@ def _jsonable(value: Any) -> Any:
 # 4. Entry point
 # ---------------------------------------------------------------------------------------------
 
+def _run_bench_family(args: argparse.Namespace, methods: list[str], ref: Any) -> list[dict[str, Any]]:
+    """`scope bench --model <another family's model>`: the same cases, rounds and rows, on the model's
+    own chain (`generate_record`), with the defaults of its family's table; no content checker."""
+    if ref.family != "magi-1":
+        raise ValueError(f"scope bench runs the embedded procedural model or a MAGI-1 model; {args.model!r} is "
+                         f"a {ref.family} {ref.kind} model (bench it through scope generate --stats)")
+    from jobs.magi import MagiBenchModel
+
+    threads = getattr(args, "threads", None) or 2
+    torch.set_num_threads(threads)
+    model = MagiBenchModel(args.model, steps=getattr(args, "steps", None))
+    prompts = model.prompts(getattr(args, "prompts_file", None), getattr(args, "prompts", None))
+    mag_ratios, num_steps = None, None
+    if "magcache" in methods:   # MagCache's own calibration step, on a caption not benched
+        mag_ratios, num_steps = model.measure_mag_ratios(args.frames, args.seed)
+        print(f"magcache: ratios measured on {model.calibration_prompt!r} ({num_steps} steps)", flush=True)
+    cases = bench_cases(methods, args.sweep, mag_ratios=mag_ratios, num_steps=num_steps, family=ref.family,
+                        size=ref.size, scope_base={"method": "scope"})
+    rounds = getattr(args, "rounds", None) or 2
+    print(f"scope bench: {len(cases) + 1} cases x {len(prompts)} prompts x {args.frames} frames, {rounds} rounds, "
+          f"{threads} threads, model {args.model} ({model.describe_schedule()}; --ar-step does not apply)",
+          flush=True)
+    rows = run_bench_on(model, cases, prompts, args.frames, seed=args.seed, threads=threads, rounds=rounds,
+                        floor=not getattr(args, "no_floor", False), log=lambda s: print(s, flush=True))
+    write_json(rows, args.json)
+    print(format_table(rows))
+    print(f"wrote {args.json}")
+    if args.plot:
+        plot_bench(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return rows
+
+
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Sampling settings from the CLI (None = the bundle's defaults)."""
     return {"num_inference_steps": getattr(args, "steps", None), "ar_step": getattr(args, "ar_step", None)}
@@ -702,6 +766,11 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bench_cases(methods, args.sweep, mag_ratios={"cond": [1.0]})   # names and sweep checked before loading
+    from pipelines.families import detect
+
+    ref = detect(args.model)
+    if ref.family != "skyreels-v2" or ref.kind not in ("procedural",):
+        return _run_bench_family(args, methods, ref)
     bundle = load_bundle(args.model)
     # every caption is checked before the first generation
     prompts = bench_prompts(bundle, getattr(args, "prompts_file", None), getattr(args, "prompts", None))

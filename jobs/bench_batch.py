@@ -90,7 +90,7 @@ def bench_batch(videos: int = 8, frames: int = 16, sizes: tuple[int, ...] = (1, 
 
 
 def run_bench_batch(args: Any) -> None:
-    report = bench_batch(videos=args.videos, frames=args.frames,
+    report = bench_batch(videos=args.videos, frames=args.frames, rounds=getattr(args, "rounds", 2),
                          accels=tuple(a for a in getattr(args, "accels", "none,scope").split(",") if a))
     text = json.dumps(report, indent=1)
     print(text)

@@ -17,7 +17,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                                    "(plumbing demo), a procedural bundle, or an official SkyReels-V2 DF folder / URL "
                                    "(config.json + *.safetensors, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth + "
                                    "google/umt5-xxl/): prompt -> umT5 -> DF transformer -> Wan VAE -> frames; "
-                                   "--image for image-to-video, --video to continue a video.")
+                                   "--image for image-to-video, --video to continue a video. MAGI-1: 'magi-1-tiny' "
+                                   "(the tiny random chain) or a release folder (ckpt/magi/4.5B_distill with ckpt/vae, "
+                                   "ckpt/t5 beside it): prompt -> T5 -> chunk-wise walk -> MAGI VAE -> frames.")
     add_spec_flags(p)
     p.add_argument("--accel-config", default=None,
                    help="JSON accelerator settings (from `scope calibrate`); the same as --accel PATH.json")
@@ -48,7 +50,8 @@ def _add_dataset(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="speed-quality bench of every acceleration method on the procedural model")
+    p = sub.add_parser("bench", help="speed-quality bench of every acceleration method on the procedural model "
+                                     "(or a MAGI-1 model: --model magi-1-tiny)")
     p.add_argument("target", nargs="?", default="accel", choices=["accel", "cluster", "batch"],
                    help="accel: methods side by side; cluster: Ray vs in-process; batch: the dataset job's "
                         "videos/s at batch sizes 1, 2, 4")
@@ -67,7 +70,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", default="default", choices=["none", "default", "wide", "frontier"], help="threshold sweeps")
     p.add_argument("--json", default="bench.json", help="results (list of objects)")
     p.add_argument("--plot", default=None, help="speed-quality plot (png)")
-    p.add_argument("--model", default=None, help="model (default: the embedded procedural model)")
+    p.add_argument("--model", default=None, help="model (default: the embedded procedural model; a MAGI-1 model "
+                                                 "such as magi-1-tiny runs its own chain with its family's defaults)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads, the same for every method")
     p.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=2,
                    help="interleaved timing rounds per prompt (odd rounds run the cases in reverse, reference "

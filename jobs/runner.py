@@ -8,7 +8,9 @@ For each segment, in order: **plan** it (its noise, its clean prefix, its prefix
 **commit** it (the latents it adds to the video, the prefix of the next segment), **decode** its
 new latents, **write** its frames (`writer.write_segment`), and **checkpoint** (every
 `checkpoint_every` segments and after the last one). Only the overlap latents cross from one
-segment to the next: memory is bounded by the window, whatever the video's length.
+segment to the next: memory is bounded by the window, whatever the video's length. A chunk-wise
+backend (MAGI-1's walk, `jobs/magi.py`) calls a segment each chunk that became clean; its own
+bounded state between segments (`SamplerState`) goes into the checkpoint and back to it on resume.
 
 Randomness: every draw is named once (`Draws`): the noise of segment i and the prefix noise of
 segment i each come from their own generator seeded by (seed, name, i). A resumed run therefore
@@ -85,6 +87,16 @@ class CheckpointStore(Protocol):
 # ------------------------------------------------------------------------------------ state
 
 @dataclass
+class SamplerState:
+    """A backend's own state between two segments, when it keeps one (MAGI-1's walk: the next call,
+    the window's live latents, the cached clean-chunk K/V still read): JSON `meta` + named tensors
+    (references on their device until a checkpoint writes them)."""
+
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass
 class RunState:
     """What a run needs to continue after segment `next_segment - 1`: the clean prefix of the
     next segment, the last latents a causal frame decoder is warmed on to resume (W of them, not
@@ -102,6 +114,7 @@ class RunState:
     written_segments: int = 0                   # segment files this run wrote (not found existing)
     device: str = ""                            # where the model ran: another device changes float bits
     accel: RequestStats = field(default_factory=lambda: RequestStats(request="video"))
+    sampler: SamplerState | None = None         # the backend's state after the segment (chunk-wise walks)
 
     def to_bytes(self, seed: int) -> bytes:
         """One safetensors blob (the prefix tensor + JSON metadata): one atomic write."""
@@ -116,6 +129,9 @@ class RunState:
         tensors = {} if self.prefix is None else {"prefix": self.prefix.detach().cpu().contiguous().float()}
         if self.decode_history is not None:
             tensors["decode_history"] = self.decode_history.detach().cpu().contiguous().float()
+        if self.sampler is not None:
+            meta["sampler"] = self.sampler.meta
+            tensors.update({f"sampler/{k}": v.detach().cpu().contiguous() for k, v in self.sampler.tensors.items()})
         return save(tensors, metadata={"state": json.dumps(meta, allow_nan=False)})
 
     @classmethod
@@ -132,7 +148,11 @@ class RunState:
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise RunFault(f"checkpoint {where} has format {meta.get('format')}, this version reads "
                            f"{CHECKPOINT_FORMAT}; finish it with the version that wrote it or start over")
-        return cls(fingerprint=meta["fingerprint"], next_segment=meta["next_segment"],
+        sampler = None
+        if "sampler" in meta:
+            sampler = SamplerState(meta["sampler"], {k[len("sampler/"):]: v for k, v in tensors.items()
+                                                     if k.startswith("sampler/")})
+        return cls(fingerprint=meta["fingerprint"], next_segment=meta["next_segment"], sampler=sampler,
                    prefix=tensors.get("prefix"), decode_history=tensors.get("decode_history"),
                    frames_done=meta["frames_done"],
                    model_calls=meta["model_calls"], rows=meta["rows"], sample_seconds=meta["sample_seconds"],
@@ -262,6 +282,9 @@ class VideoRun:
                            f"device: {state.device} to resume (or use a new out folder)")
         if state.prefix is not None:
             state.prefix = state.prefix.to(self.plan.device)
+        resume_sampler = getattr(self.sampler, "resume", None)
+        if resume_sampler is not None and state.next_segment < len(self.plan.segments):
+            resume_sampler(state.sampler, state.next_segment)     # a chunk-wise walk continues from its state
         if state.next_segment < len(self.plan.segments):
             # a causal decoder's cache is not checkpointed: warm a fresh one on the kept history
             resume_at = self.plan.new_latents_of(self.plan.segments[state.next_segment])[0]
@@ -305,6 +328,7 @@ class VideoRun:
         state.frames_done = self.loaded.decoder.frame_range(0, end)[1]
         state.prefix = segment_prefix(info.latents, self.plan.overlap, self.plan.args.causal_block_size)
         state.decode_history = self.loaded.decoder.history_after(state.decode_history, new)
+        state.sampler = getattr(info, "resume_state", None)
         return first, new
 
     def _write(self, index: int, frames: np.ndarray | None, state: RunState) -> None:
@@ -333,6 +357,9 @@ def run_batch(runs: list[VideoRun], pipeline: Any) -> list[RunSummary]:
             raise ValueError("run_batch needs videos of one shape (segments, schedule, latent size)")
     started = time.perf_counter()
     states = [RunState(fingerprint=run.fingerprint, prefix=run.loaded.reference) for run in runs]
+    start_videos = getattr(pipeline, "start_videos", None)
+    if start_videos is not None:                 # a chunk-wise walk draws each video's noise itself
+        start_videos([run.plan for run in runs])
     with torch.no_grad():
         for segment in first.segments:
             planned = [run._plan_segment(segment, state) for run, state in zip(runs, states)]
@@ -363,7 +390,8 @@ def segments_with_frames(plan: VideoPlan) -> list[int]:
     """The segments whose new latents hold at least one video frame (the files a video joins)."""
     from jobs.setup import FrameDecoder
 
-    mapping = FrameDecoder(lambda latents, first: None, plan.frames, skip=plan.skip, temporal=plan.temporal)
+    mapping = FrameDecoder(lambda latents, first: None, plan.frames, skip=plan.skip, temporal=plan.temporal,
+                           causal=getattr(plan, "vae_causal", True))
     found = []
     for segment in plan.segments:
         f0, f1 = mapping.frame_range(*plan.new_latents_of(segment))
@@ -438,12 +466,14 @@ def _cluster_has_gpus() -> bool:
 class open_sampler:   # noqa: N801  (used as a context manager)
     """The backend the spec names, as a context manager yielding a `SegmentSampler`:
     local = `DFPipeline` over the in-process model with the accelerator hooks attached from
-    outside; ray = a `RaySegmentSampler` over one replica of `spec.stages` stages
-    ($RAY_ADDRESS, the job's cluster under `ray job submit`, or a local Ray)."""
+    outside (MAGI-1: `jobs.magi.MagiSegmentSampler`, its walk chunk by chunk); ray = a
+    `RaySegmentSampler` over one replica of `spec.stages` stages ($RAY_ADDRESS, the job's
+    cluster under `ray job submit`, or a local Ray)."""
 
     def __init__(self, plan: VideoPlan, loaded: LoadedVideo):
         self.plan, self.loaded = plan, loaded
         self._ray: Any = None
+        self._magi: Any = None
 
     def __enter__(self) -> SegmentSampler:
         if self.plan.spec.backend == "ray":
@@ -457,12 +487,18 @@ class open_sampler:   # noqa: N801  (used as a context manager)
                                    accel=self.plan.accel, gpus_per_worker=gpus)
             self._ray = RaySegmentSampler(config)
             return self._ray
-        from pipelines.skyreels_v2.accel_adapter import WanStackAdapter
+        if getattr(self.plan, "family", "skyreels-v2") == "magi-1":
+            from jobs.magi import open_magi_sampler
+
+            self._magi = open_magi_sampler(self.plan, self.loaded)      # the walk, chunk by chunk
+            return self._magi
+        from pipelines.families import table
         from pipelines.skyreels_v2.pipeline import DFPipeline
         from scope.hooks import apply_accel, remove_accel
 
         remove_accel(self.loaded.model)
-        accel = apply_accel(self.loaded.model, self.plan.accel, WanStackAdapter())
+        adapter = table(getattr(self.plan, "family", "skyreels-v2")).accel_adapter()   # the family's table
+        accel = apply_accel(self.loaded.model, self.plan.accel, adapter)
         return DFPipeline(self.loaded.model, accel=accel)
 
     def __exit__(self, *exc: Any) -> None:
@@ -470,5 +506,8 @@ class open_sampler:   # noqa: N801  (used as a context manager)
             self._ray.shutdown()
         else:
             from scope.hooks import remove_accel
+
+            if self._magi is not None:
+                self._magi.close()
 
             remove_accel(self.loaded.model)

@@ -9,11 +9,13 @@
 
 Models: None = the embedded procedural model (pipelines/procedural/weights); "tiny" = the tiny
 SkyReels-V2 chain with seeded random weights (transformer, umT5 with a hashing tokenizer, Wan VAE:
-the plumbing demo); a folder (local or fsspec URL): a procedural bundle when it has `pipeline.json`,
-else an official SkyReels-V2 DF folder: `config.json` + safetensors, `Wan2.1_VAE.pth`, and (unless
-`context` gives precomputed embeddings) `models_t5_umt5-xxl-enc-bf16.pth` + `google/umt5-xxl/`.
-SkyReels-V2 facts (resolutions, defaults, file names, the parts' builders) come from
-`pipelines/skyreels_v2/family.py`.
+the plumbing demo); "magi-1-tiny" = the tiny MAGI-1 chain likewise; a folder (local or fsspec URL):
+a procedural bundle when it has `pipeline.json`, a MAGI-1 model when it is or holds an
+`inference_weight*` folder, else an official SkyReels-V2 DF folder: `config.json` + safetensors,
+`Wan2.1_VAE.pth`, and (unless `context` gives precomputed embeddings) `models_t5_umt5-xxl-enc-bf16.pth`
++ `google/umt5-xxl/`. `pipelines.families.detect` says which family a model is; each family's facts
+(resolutions, defaults, file names, the parts' builders, accelerator defaults) come from its table,
+`pipelines/<family>/family.py`. MAGI-1's plan, parts and walk-as-segments backend are `jobs/magi.py`.
 
 SkyReels-V2 chain in `load`: prompt -> umT5 (then the encoder is freed, unless the caller keeps a
 `models` cache for many videos) -> transformer -> per video one `VAEStreamDecoder` fed each
@@ -66,12 +68,15 @@ class FrameDecoder:
     temporal: int = 1
     kind: str = "procedural codec"
     history: int = 0
+    causal: bool = True        # Wan: latent 0 is frame 0 alone; False (MAGI-1): latent l is [4l, 4l + 4)
     _next: int | None = field(default=None, repr=False)   # the latent a causal stream expects next
 
     def first_frame(self, latent: int) -> int:
         """First stream frame of latent `latent` (uncropped, reference latents counted)."""
         if self.temporal == 1 or latent == 0:
             return latent
+        if not self.causal:
+            return self.temporal * latent
         return self.temporal * latent - (self.temporal - 1)
 
     def frame_range(self, start: int, end: int) -> tuple[int, int]:
@@ -181,7 +186,9 @@ class VideoPlan:
     device: str = "cpu"                # where this process runs the model (`resolve_device`)
     resolution: str = ""               # frame size "WxH" (SkyReels-V2: also the named one, in `defaults`)
     reference_latents: int = 0         # clean latents segment 0 starts from (reference block, image, video)
-    decode: str = "procedural codec"   # "wan vae" | "latent preview" | "procedural codec"
+    decode: str = "procedural codec"   # "wan vae" | "magi vae" | "latent preview" | "procedural codec"
+    family: str = "skyreels-v2"        # the model family (`pipelines.families`): whose table and backend
+    vae_causal: bool = True            # frames per latent as Wan's causal VAE (False: MAGI-1, 4 each)
 
     @property
     def overlap(self) -> int:
@@ -195,6 +202,11 @@ class VideoPlan:
 
 def describe(spec: JobSpec) -> VideoPlan:
     """The plan of a spec; raises SpecError (one line) on anything that cannot run."""
+    ref = _detect(spec.model)
+    if ref.family == "magi-1":
+        from jobs.magi import describe_magi
+
+        return describe_magi(spec, ref)
     kind, source, defaults, model_config = _describe_model(spec)
     if kind == "procedural":
         from pipelines.procedural.bundle import schedule_from_defaults
@@ -218,10 +230,21 @@ def describe(spec: JobSpec) -> VideoPlan:
         temporal, decode = sky.VAE_TEMPORAL, ("wan vae" if spec.decode == "vae" else "latent preview")
     _check_block_multiples(args)
     segments = plan_segments(latent_frames, args.base_num_frames, args.overlap_frames)
-    accel, accel_source, mismatch = resolve_accel(spec, args, frames, source if kind == "procedural" else None)
+    accel, accel_source, mismatch = resolve_accel(spec, args, frames, source if kind == "procedural" else None,
+                                                  family="skyreels-v2", size=defaults.get("size"))
     return VideoPlan(spec, kind, source, args, frames, fps, channels, latent_size, latent_frames, skip,
                      temporal, segments, accel, accel_source, mismatch, defaults, resolve_device(spec),
                      frame_size, reference, decode)
+
+
+def _detect(model: str | None) -> Any:
+    """The model's family and kind (`pipelines.families.detect`); an unknown name is a spec error."""
+    from pipelines.families import detect
+
+    try:
+        return detect(model)
+    except ValueError as err:
+        raise SpecError(f"spec field 'model': {err}") from None
 
 
 def _refuse_skyreels_fields(spec: JobSpec) -> None:
@@ -283,9 +306,18 @@ def _round_up(value: int, block: int) -> int:
 def default_frames(model: str | None, resolution: str | None = None) -> int:
     """`scope generate`'s length when the spec gives none: upstream's for a SkyReels-V2 folder (the
     named resolution's window: 97 frames at 540p, 121 at 720p), 48 for the procedural and tiny
-    models. Reads config.json only; a bad folder falls back to 48 (`describe` then says why)."""
+    models; a MAGI-1 size's (96 frames, 48 for magi-1-tiny). Reads config.json only; a bad folder
+    falls back to 48 (`describe` then says why)."""
     if model is None or model == "tiny":
         return sky.TINY_SAMPLING.frames
+    try:
+        ref = _detect(model)
+    except SpecError:
+        return sky.TINY_SAMPLING.frames
+    if ref.family == "magi-1":
+        from pipelines.families import table
+
+        return table("magi-1").sampling_defaults(ref.size).frames
     try:
         folder = model.rstrip("/")
         if _read_json(folder, "pipeline.json", required=False) is not None:
@@ -451,17 +483,20 @@ def _read_json(folder: str, name: str, required: bool) -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------------------------ accel
 
-def resolve_accel(spec: JobSpec, args: ScheduleArgs, frames: int, model_folder: str | None
-                  ) -> tuple[Any, str, list[str]]:
+def resolve_accel(spec: JobSpec, args: Any, frames: int, model_folder: str | None,
+                  family: str = "skyreels-v2", size: str | None = None) -> tuple[Any, str, list[str]]:
     """(config, where it came from, how its calibration schedule differs from this run's):
     1. `accel` names an accel.json (path or URL): that file;
     2. else, for a procedural model, the calibrated config its weights folder ships for the
        method (`weights/accel/<method>.json`, the closest calibration schedule);
-    3. else the method's defaults, plus exact selective computation on a block-causal model
-       (outputs stay equal to full compute).
+    3. else the method's defaults from the model family's table (`accel_defaults(method, size)`:
+       published constants, MagCache ratios measured on that size), plus the family's exact
+       selective computation on a block-causal model (outputs stay equal to full compute).
     MagCache takes the schedule's step count (its ratio table is resampled to it)."""
-    from pipelines.wan.calibration import accel_defaults   # every model here is Wan-based
+    from pipelines.families import table
     from scope.config import AccelConfig, make_config
+
+    accel_defaults = table(family).accel_defaults
 
     schedule = schedule_dict(args, frames)
     try:
@@ -471,8 +506,8 @@ def resolve_accel(spec: JobSpec, args: ScheduleArgs, frames: int, model_folder: 
             config, source = _shipped_config(spec.accel, model_folder, schedule), "shipped"
             if config is None:
                 causal = args.causal_attention and spec.accel != "none"
-                extra = {"selective": "exact", "kv_cache_finished": True} if causal else {}
-                config, source = make_config(spec.accel, **{**accel_defaults(spec.accel), **extra}), "defaults"
+                extra = dict(table(family).SELECTIVE_EXACT) if causal else {}
+                config, source = make_config(spec.accel, **{**accel_defaults(spec.accel, size), **extra}), "defaults"
         if config.method == "magcache":
             config = config.replace(num_steps=args.num_steps)
     except SpecError:
@@ -593,6 +628,10 @@ def load(plan: VideoPlan, models: dict[str, Any] | None = None) -> LoadedVideo:
     many videos load each model once; the text, prefix and decoder are per video."""
     if plan.kind == "procedural":
         return _load_procedural(plan, models if models is not None else {})
+    if plan.family == "magi-1":
+        from jobs.magi import load_magi
+
+        return load_magi(plan, models if models is not None else {}, keep_text_encoder=models is not None)
     # one video (models None): the text encoder is freed once the prompts are encoded, before the
     # transformer loads; a worker making many videos keeps it in its cache instead
     return _load_skyreels(plan, models if models is not None else {}, keep_text_encoder=models is not None)

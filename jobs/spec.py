@@ -121,11 +121,11 @@ def _storage_options(name: str, value: Any) -> dict[str, Any]:
 
 
 def _resolution(name: str, value: Any) -> str:
-    from pipelines.skyreels_v2.family import parse_resolution
+    from pipelines.families import resolution_name   # any family's names; its table decides in `describe`
 
     text = _text(32, "720p")(name, value)
     try:
-        return parse_resolution(text).name
+        return resolution_name(text)
     except ValueError as err:
         raise SpecError(f"spec field {name!r}: {err}") from None
 

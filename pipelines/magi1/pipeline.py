@@ -24,7 +24,14 @@ stages old, see 5, 4, 3, 2 chunks, i.e. all reach back to exactly the one clean 
 window (the oldest alone, in the last stages, too): one cached chunk per video, whatever its length
 (`cache_reach` = 1; window 2 gives 2, an empty range list = everything, as upstream).
 Live latents are likewise the window plus the last finished chunk: memory is flat in video length
-when noise is drawn per chunk (`noise` given as generators).
+when noise is drawn per chunk (`noise` given as generators, or as a function of the chunk index).
+
+**Pausing and resuming a walk.** `MagiPipeline.walk(...)` returns the walk itself (`MagiWalk`):
+`run(start_call)` yields the chunks, `requests` may be replaced between two yields (the jobs give
+every segment its own accelerator request), `snapshot()` taken right after a yield is everything the
+rest of the walk reads (`WalkState`: next call, the live latents still in use, the cached K/V still
+read; bounded like the walk itself) and `restore(state)` + `run(state.next_call)` on a fresh walk
+of the same inputs continues it exactly, provided the noise is a function of the chunk index.
 
 **Batch.** B videos of one shape and schedule run in one forward per pass, each with its own noise,
 captions and prefix (every per-video quantity stays per row: the model attends per row).
@@ -56,12 +63,12 @@ from torch import Tensor
 from pipelines.magi1.model import distill_dt_factor
 from pipelines.magi1.schedule import ChunkCall, ChunkPlan, ChunkSchedule, plan_chunk_calls
 
-__all__ = ["Caption", "CallRecord", "ChunkOutput", "Guidance", "MagiPipeline", "MagiResult", "SampleArgs",
-           "noise_generators"]
+__all__ = ["Caption", "CallRecord", "ChunkOutput", "Guidance", "MagiPipeline", "MagiResult", "MagiWalk",
+           "SampleArgs", "WalkState", "noise_generators"]
 
 NULL_CAPTION_TOKENS = 50          # upstream: the null caption's first 50 tokens are valid
 
-NoiseSource = Tensor | Sequence[Tensor] | Sequence[torch.Generator]
+NoiseSource = Tensor | Sequence[Tensor] | Sequence[torch.Generator] | Callable[[int], Tensor]
 KV = dict[int, tuple[Tensor, Tensor]]     # layer -> (k, v) [B, tokens, G, head_dim]
 
 
@@ -137,10 +144,13 @@ class SampleArgs:
 @dataclass(frozen=True)
 class Caption:
     """One video's caption embedding: shared by every chunk ([L, C], [L]) or one per absolute chunk
-    ([chunks, L, C], [chunks, L]; prefix chunks included, their rows unused). mask: 1 = valid."""
+    ([chunks, L, C], [chunks, L]; prefix chunks included, their rows unused). mask: 1 = valid.
+    `chunk_rows` [chunks] (optional) picks each chunk's row of a [rows, L, C] y: per-chunk captions
+    with few distinct rows (upstream's duration tokens) in memory flat in the video's length."""
 
     y: Tensor
     mask: Tensor
+    chunk_rows: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.y.dim() not in (2, 3):
@@ -148,10 +158,21 @@ class Caption:
         if tuple(self.mask.shape) != tuple(self.y.shape[:-1]):
             raise ValueError(f"caption mask must be {list(self.y.shape[:-1])} (one entry per token of y "
                              f"{tuple(self.y.shape)}); got {tuple(self.mask.shape)}")
+        if self.chunk_rows is not None:
+            rows = self.chunk_rows
+            if self.y.dim() != 3 or rows.dim() != 1 or rows.dtype != torch.long or \
+                    (rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < self.y.shape[0]):
+                raise ValueError(f"chunk_rows must be a LongTensor [chunks] of rows of y [rows, L, C]; got "
+                                 f"{rows.dtype} {tuple(rows.shape)} for y {tuple(self.y.shape)}")
 
     @property
     def per_chunk(self) -> bool:
         return self.y.dim() == 3
+
+    @property
+    def num_chunk_rows(self) -> int:
+        """Chunks this caption has a row for (per-chunk captions)."""
+        return self.y.shape[0] if self.chunk_rows is None else self.chunk_rows.numel()
 
     def rows(self, chunks: Sequence[int]) -> tuple[Tensor, Tensor]:
         """([n, L, C], [n, L]) for absolute chunks."""
@@ -159,6 +180,8 @@ class Caption:
             n = len(chunks)
             return self.y.unsqueeze(0).expand(n, *self.y.shape), self.mask.unsqueeze(0).expand(n, *self.mask.shape)
         index = torch.tensor(list(chunks), dtype=torch.long)
+        if self.chunk_rows is not None:
+            index = self.chunk_rows[index]
         return self.y[index], self.mask[index]
 
 
@@ -198,6 +221,43 @@ class MagiResult:
     max_cached_chunks: int = 0                # most chunks of K/V held at once
     max_live_chunks: int = 0                  # most chunks of latents held at once
     seconds: float = 0.0
+
+
+@dataclass
+class WalkState:
+    """What the rest of a walk reads after the call `next_call - 1` (`MagiWalk.snapshot`): the live
+    latents of the chunks later calls still use ([B, C, cw, H, W] each) and the cached K/V of the
+    chunks later calls still read ({layer: (k, v)} each, [B, tokens, G, head_dim])."""
+
+    next_call: int
+    live: dict[int, Tensor]
+    cache: dict[int, KV]
+
+    def to_tensors(self, prefix: str = "walk/") -> dict[str, Tensor]:
+        """Flat named tensors (references, on their device: a checkpoint copies them when it writes;
+        `from_tensors` inverts it)."""
+        out = {f"{prefix}live/{c}": t for c, t in self.live.items()}
+        for c, layers in self.cache.items():
+            for layer, (k, v) in layers.items():
+                out[f"{prefix}cache/{c}/{layer}/k"], out[f"{prefix}cache/{c}/{layer}/v"] = k, v
+        return {name: t.detach() for name, t in out.items()}
+
+    @classmethod
+    def from_tensors(cls, next_call: int, tensors: dict[str, Tensor], prefix: str = "walk/",
+                     device: str | torch.device = "cpu") -> WalkState:
+        live: dict[int, Tensor] = {}
+        cache: dict[int, dict[int, list[Tensor | None]]] = {}
+        for name, tensor in tensors.items():
+            if not name.startswith(prefix):
+                continue
+            parts = name[len(prefix):].split("/")
+            if parts[0] == "live":
+                live[int(parts[1])] = tensor.to(device)
+            elif parts[0] == "cache":
+                slot = cache.setdefault(int(parts[1]), {}).setdefault(int(parts[2]), [None, None])
+                slot[0 if parts[3] == "k" else 1] = tensor.to(device)
+        kv = {c: {layer: (k, v) for layer, (k, v) in layers.items()} for c, layers in cache.items()}
+        return cls(next_call=next_call, live=live, cache=kv)
 
 
 def noise_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
@@ -243,9 +303,11 @@ class MagiPipeline:
         """Yield each chunk of B videos as soon as it is clean.
 
         noise: [B, C, chunks*chunk_width, H, W] (prefix chunks included, as upstream's latent), one
-            [C, frames, H, W] per video, or one `torch.Generator` per video (each chunk's noise is
+            [C, frames, H, W] per video, one `torch.Generator` per video (each chunk's noise is
             drawn from it when the chunk starts: memory flat in length; give `num_chunks` and
-            `latent_shape`).
+            `latent_shape`), or a function `chunk -> [B, C, chunk_width, H, W]` (absolute chunk
+            index; named per-chunk draws: a walk resumed from a snapshot needs no generator state;
+            give `num_chunks`, `latent_shape` and, for B > 1, `request_ids`).
         captions: one `Caption` per video (or one for B = 1).
         num_chunks: chunks of the video, prefix included (needed with generators; else from noise).
         latent_shape: (C, H, W) of the latents (needed with generators).
@@ -259,6 +321,17 @@ class MagiPipeline:
         if stats is not None:
             stats["plan"] = walk.plan
         return _iterate(walk, stats)
+
+    def walk(self, noise: NoiseSource, captions: Caption | Sequence[Caption], args: SampleArgs, *,
+             num_chunks: int | None = None, latent_shape: tuple[int, int, int] | None = None,
+             prefix: Tensor | Sequence[Tensor] | None = None,
+             null_captions: Caption | Sequence[Caption] | None = None,
+             request_ids: Sequence[str] | None = None,
+             on_call: Callable[[CallRecord], None] | None = None) -> MagiWalk:
+        """The walk itself, to run in pieces (`MagiWalk.run(start_call)`, `snapshot`, `restore`);
+        arguments as `stream`. Call `end()` when done with it."""
+        return _Walk(self, noise, captions, args, num_chunks, prefix, null_captions, request_ids, on_call,
+                     latent_shape)
 
 
 @torch.no_grad()
@@ -286,7 +359,10 @@ class _Walk:
         width = args.schedule.chunk_width
         # 1. noise source, batch size, latent geometry
         self.generators: list[torch.Generator] | None = None
-        if isinstance(noise, Tensor):
+        self.noise_fn: Callable[[int], Tensor] | None = None
+        if callable(noise) and not isinstance(noise, Tensor):
+            self.noise_fn, self.noise = noise, None
+        elif isinstance(noise, Tensor):
             if noise.dim() != 5:
                 raise ValueError(f"noise must be [B, C, frames, H, W] (or one [C, frames, H, W] per video, or "
                                  f"one torch.Generator per video); got {tuple(noise.shape)}")
@@ -305,7 +381,10 @@ class _Walk:
                 raise ValueError("noise must be one tensor [B, C, frames, H, W], one [C, frames, H, W] per video, "
                                  "or one torch.Generator per video")
         self.captions = [captions] if isinstance(captions, Caption) else list(captions)
-        self.batch = len(self.generators) if self.generators is not None else self.noise.shape[0]
+        if self.noise_fn is not None:
+            self.batch = len(self.captions)
+        else:
+            self.batch = len(self.generators) if self.generators is not None else self.noise.shape[0]
         if len(self.captions) != self.batch:
             raise ValueError(f"{len(self.captions)} captions for {self.batch} videos: give one Caption per video")
         self.prefix = _stack_prefix(prefix, self.batch)
@@ -324,8 +403,8 @@ class _Walk:
             self.device = self.noise.device
         else:
             if num_chunks is None or latent_shape is None:
-                raise ValueError("noise from generators needs num_chunks (prefix chunks included) and "
-                                 "latent_shape (C, H, W)")
+                raise ValueError("noise from generators or a function needs num_chunks (prefix chunks included) "
+                                 "and latent_shape (C, H, W)")
             self.shape = tuple(int(v) for v in latent_shape)
             self.device = _model_device(self.model)
         self.plan = plan_chunk_calls(num_chunks, args.schedule, 0 if self.prefix is None else self.prefix.shape[2])
@@ -339,8 +418,8 @@ class _Walk:
                 if cap.y.shape[-1] != cfg.caption_channels:
                     raise ValueError(f"{name} {b} has {cap.y.shape[-1]} channels; the model takes "
                                      f"caption_channels={cfg.caption_channels}")
-                if cap.per_chunk and cap.y.shape[0] < num_chunks:
-                    raise ValueError(f"{name} {b} has {cap.y.shape[0]} per-chunk rows for {num_chunks} chunks")
+                if cap.per_chunk and cap.num_chunk_rows < num_chunks:
+                    raise ValueError(f"{name} {b} has {cap.num_chunk_rows} per-chunk rows for {num_chunks} chunks")
         lengths = {c.y.shape[-2] for c in self.captions + self.nulls}
         if len(lengths) != 1:
             raise ValueError(f"captions and null captions of one batch need one token length; got {sorted(lengths)}")
@@ -368,6 +447,7 @@ class _Walk:
         self.model_calls = 0
         self.max_cached = 0
         self.max_live = 0
+        self.position = -1                           # index of the last call run
 
     def _default_null(self) -> Caption:
         emb = self.model.y_embedder.null_caption_embedding.detach()
@@ -377,10 +457,13 @@ class _Walk:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def run(self) -> Iterator[ChunkOutput]:
+    def run(self, start_call: int = 0) -> Iterator[ChunkOutput]:
+        """Yield each chunk as it becomes clean, running the plan's calls from `start_call` on (a
+        walk resumed with `restore` starts at its state's `next_call`)."""
         schedule = self.args.schedule
-        for call in self.plan.calls:
+        for call in self.plan.calls[start_call:]:
             started = time.perf_counter()
+            self.position = call.index
             # 1. the call's window
             for chunk in call.chunks:
                 if chunk not in self.live and not call.prefix_pass:
@@ -417,6 +500,30 @@ class _Walk:
             for chunk in [c for c in self.live if self.last_use.get(c, -1) <= call.index]:
                 del self.live[chunk]
 
+    def snapshot(self) -> WalkState:
+        """Everything the calls after `position` read (take it right after a yield): the live
+        latents still used and the cached K/V still read. References, not copies: the walk never
+        writes into them, it replaces them."""
+        after = self.position
+        live = {c: x for c, x in self.live.items() if self.last_use.get(c, -1) > after}
+        cache = {c: kv for c, kv in self.cache.items() if self.last_read.get(c, -1) > after}
+        return WalkState(next_call=after + 1, live=live, cache=cache)
+
+    def restore(self, state: WalkState) -> None:
+        """Continue a walk of the same inputs from a snapshot: `run(state.next_call)` next."""
+        if not 0 <= state.next_call <= len(self.plan.calls):
+            raise ValueError(f"walk state resumes at call {state.next_call}; this walk has "
+                             f"{len(self.plan.calls)} calls (another schedule or length)")
+        expected = self.shape[0], self.args.schedule.chunk_width, *self.shape[1:]
+        for chunk, x in state.live.items():
+            if tuple(x.shape) != (self.batch, *expected):
+                raise ValueError(f"walk state: chunk {chunk} has latents {tuple(x.shape)}, this walk makes "
+                                 f"{(self.batch, *expected)}")
+        self.live = {c: x.to(self.device, torch.float32) for c, x in state.live.items()}
+        self.cache = {c: {layer: (k.to(self.device), v.to(self.device)) for layer, (k, v) in kv.items()}
+                      for c, kv in state.cache.items()}
+        self.position = state.next_call - 1
+
     def end(self) -> None:
         """Drop everything of the walk (and its accelerator state)."""
         self.live.clear()
@@ -433,6 +540,12 @@ class _Walk:
         if self.noise is not None:
             return self.noise[:, :, chunk * width:(chunk + 1) * width].to(torch.float32).clone()
         c, h, w = self.shape
+        if self.noise_fn is not None:
+            x = self.noise_fn(chunk)
+            if tuple(x.shape) != (self.batch, c, width, h, w):
+                raise ValueError(f"the noise function gave {tuple(x.shape)} for chunk {chunk}; the walk needs "
+                                 f"{(self.batch, c, width, h, w)}")
+            return x.to(self.device, torch.float32)
         draws = [torch.randn((c, width, h, w), generator=g, device=g.device, dtype=torch.float32)
                  for g in self.generators]
         return torch.stack(draws).to(self.device)
@@ -602,6 +715,9 @@ class _Walk:
         """Drop cached K/V no later call reads."""
         for chunk in [c for c in self.cache if self.last_read.get(c, -1) <= call.index]:
             del self.cache[chunk]
+
+
+MagiWalk = _Walk   # the public name of a walk (`MagiPipeline.walk`)
 
 
 # --------------------------------------------------------------------------------------------

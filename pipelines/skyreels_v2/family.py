@@ -10,6 +10,8 @@ Reads top to bottom:
   3. sampling defaults: official (upstream's script + README) and tiny (tests, the plumbing demo)
   4. the official folder: file names, what `describe` checks exists, optional sidecar configs
   5. builders: the VAE and the text encoder of a folder, or the tiny random ones
+  6. acceleration: the adapter, per-method defaults (Wan2.1's published constants), what "exact"
+     selective computation means here
 
 This module imports nothing heavy at import time (the job spec reads its resolution names); the
 builders import the VAE / umT5 modules when called.
@@ -23,10 +25,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+NAME = "skyreels-v2"
+
 # ----------------------------------------------------------------------------- 1. geometry
 
 VAE_TEMPORAL = 4          # video frames per latent frame after the first (Wan causal VAE)
 VAE_SPATIAL = 8           # pixels per latent pixel along H and W
+VAE_CAUSAL = True         # latent 0 decodes to frame 0 alone, latent l > 0 to frames [4l - 3, 4l + 1)
 LATENT_CHANNELS = 16      # z_dim = the transformer's in_dim / out_dim
 PATCH = (1, 2, 2)         # transformer patch (frames, rows, columns)
 PIXEL_MULTIPLE = VAE_SPATIAL * PATCH[1]   # a frame side must divide by 16 (VAE x patch)
@@ -258,9 +263,10 @@ def build_text_encoder(folder: str | None, text_len: int, device: Any = "cpu",
 
 
 class HashingTokenizer:
-    """A deterministic stand-in for the umT5 tokenizer (tiny model only): each whitespace-separated
-    word -> 2 + sha256(word) mod (vocab - 2), then `</s>` = 1, truncated (keeping `</s>`) and padded
-    with 0 to `max_length`. Called like a transformers tokenizer, as `UMT5TextEncoder.tokenize` does."""
+    """A deterministic stand-in for a T5-family tokenizer (tiny models only: umT5 here, MAGI-1's T5 in
+    `pipelines/magi1/family.py`): each whitespace-separated word -> 2 + sha256(word) mod (vocab - 2),
+    then `</s>` = 1, truncated (keeping `</s>`) and padded with 0 to `max_length`. Called like a
+    transformers tokenizer, as `UMT5TextEncoder.tokenize` and `MagiT5TextEncoder.tokenize` do."""
 
     PAD, EOS = 0, 1
 
@@ -274,7 +280,8 @@ class HashingTokenizer:
         return 2 + int.from_bytes(digest[:8], "little") % (self.vocab_size - 2)
 
     def __call__(self, texts: Sequence[str], *, max_length: int, padding: str = "max_length",
-                 truncation: bool = True, add_special_tokens: bool = True, return_tensors: str = "pt") -> dict:
+                 truncation: bool = True, add_special_tokens: bool = True, return_tensors: str = "pt",
+                 return_attention_mask: bool = True) -> dict:
         import torch
 
         ids, mask = [], []
@@ -286,9 +293,31 @@ class HashingTokenizer:
                 "attention_mask": torch.tensor(mask, dtype=torch.long)}
 
 
-__all__ = ["CONFIG_FILE", "DECODER_HISTORY", "DECODER_RECEPTIVE_FIELD", "FPS", "LATENT_CHANNELS", "NEGATIVE_PROMPT",
-           "OFFICIAL_SAMPLING", "PATCH", "PIXEL_MULTIPLE", "RESOLUTIONS", "RESOLUTION_HINT", "SIZE_RESOLUTION",
-           "TEXT_ENCODER_CONFIG_FILE", "TINY_RESOLUTION", "TINY_SAMPLING", "TOKENIZER_DIR", "UMT5_FILE",
-           "VAE_CONFIG_FILE", "VAE_FILE", "VAE_SPATIAL", "VAE_TEMPORAL", "HashingTokenizer", "Resolution",
-           "SamplingDefaults", "build_text_encoder", "build_vae", "default_resolution", "frames_for_latents",
-           "latents_for_frames", "missing_files", "parse_resolution", "sampling_defaults", "size_name", "text_dtype"]
+# ----------------------------------------------------------------------------- 6. acceleration
+
+# "exact" selective computation on a block-causal Wan DF model (the procedural one; the released
+# SkyReels-V2 models are bidirectional, where it equals "off"): drop the tail after the last
+# recomputed chunk, serve finished chunks from their cached K/V. Outputs equal full compute.
+SELECTIVE_EXACT: dict[str, Any] = {"selective": "exact", "kv_cache_finished": True}
+
+
+def accel_adapter() -> Any:
+    from pipelines.skyreels_v2.accel_adapter import WanStackAdapter
+
+    return WanStackAdapter()
+
+
+def accel_defaults(method: str, size: str | None = None) -> dict[str, Any]:
+    """The published per-method defaults on Wan-based models (a copy; TeaCache: the 1.3B polynomial)."""
+    from pipelines.wan.calibration import accel_defaults as wan_defaults
+
+    return wan_defaults(method)
+
+
+__all__ = ["CONFIG_FILE", "DECODER_HISTORY", "DECODER_RECEPTIVE_FIELD", "FPS", "LATENT_CHANNELS", "NAME",
+           "NEGATIVE_PROMPT", "OFFICIAL_SAMPLING", "PATCH", "PIXEL_MULTIPLE", "RESOLUTIONS", "RESOLUTION_HINT",
+           "SELECTIVE_EXACT", "SIZE_RESOLUTION", "TEXT_ENCODER_CONFIG_FILE", "TINY_RESOLUTION", "TINY_SAMPLING",
+           "TOKENIZER_DIR", "UMT5_FILE", "VAE_CAUSAL", "VAE_CONFIG_FILE", "VAE_FILE", "VAE_SPATIAL", "VAE_TEMPORAL",
+           "HashingTokenizer", "Resolution", "SamplingDefaults", "accel_adapter", "accel_defaults",
+           "build_text_encoder", "build_vae", "default_resolution", "frames_for_latents", "latents_for_frames",
+           "missing_files", "parse_resolution", "sampling_defaults", "size_name", "text_dtype"]
