@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import math
 import posixpath
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from pipelines.frame_size import parse_frame_size
 
 NAME = "magi-1"
 MODEL_PREFIX = "magi-1-"       # `--model magi-1-<size>` names a size of this family
@@ -81,21 +82,11 @@ RESOLUTIONS: dict[str, Resolution] = {
 DEFAULT_RESOLUTION = "720x720"
 TINY_RESOLUTION = "64x64"      # the tiny sizes: 8 x 8 latents
 RESOLUTION_HINT = "720x720 (upstream's default), 540p, 720p, or WxH with W and H multiples of 16"
-_SIZE_PATTERN = re.compile(r"^(\d{2,5})x(\d{2,5})$")
 
 
 def parse_resolution(text: str) -> Resolution:
     """'540p' / '720p' or 'WxH' with both multiples of 16; ValueError says what is valid."""
-    key = str(text).strip().lower()
-    if key in RESOLUTIONS:
-        return RESOLUTIONS[key]
-    match = _SIZE_PATTERN.match(key)
-    if match:
-        width, height = int(match.group(1)), int(match.group(2))
-        if width % PIXEL_MULTIPLE == 0 and height % PIXEL_MULTIPLE == 0 and 16 <= min(width, height) \
-                and max(width, height) <= 8192:
-            return Resolution(key, width, height)
-    raise ValueError(f"{text!r} is not a resolution; use {RESOLUTION_HINT}")
+    return parse_frame_size(text, RESOLUTIONS, PIXEL_MULTIPLE, Resolution, RESOLUTION_HINT)
 
 
 # ----------------------------------------------------------------------------- 3. sizes and sampling

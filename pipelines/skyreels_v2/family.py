@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from pipelines.frame_size import parse_frame_size
 
 NAME = "skyreels-v2"
 
@@ -91,21 +92,11 @@ TINY_RESOLUTION = "64x64"   # the tiny sizes: 8 x 8 latents, fast on a CPU
 # name says so (the two 14B checkpoints share one config), any other size 540P (upstream's default)
 SIZE_RESOLUTION = {"1.3b-540p": "540p", "14b-540p": "540p", "14b-720p": "720p", "tiny": TINY_RESOLUTION}
 RESOLUTION_HINT = "540p, 720p, or WxH with W and H multiples of 16 (e.g. 960x544)"
-_SIZE_PATTERN = re.compile(r"^(\d{2,5})x(\d{2,5})$")
 
 
 def parse_resolution(text: str) -> Resolution:
-    """'540p' / '720p' (any case) or 'WxH' with both multiples of 16; ValueError says what is valid."""
-    key = str(text).strip().lower()
-    if key in RESOLUTIONS:
-        return RESOLUTIONS[key]
-    match = _SIZE_PATTERN.match(key)
-    if match:
-        width, height = int(match.group(1)), int(match.group(2))
-        if width % PIXEL_MULTIPLE == 0 and height % PIXEL_MULTIPLE == 0 and 16 <= min(width, height) \
-                and max(width, height) <= 8192:
-            return Resolution(key, width, height)
-    raise ValueError(f"{text!r} is not a resolution; use {RESOLUTION_HINT}")
+    """'540p' / '720p' or 'WxH' with both multiples of 16; ValueError says what is valid."""
+    return parse_frame_size(text, RESOLUTIONS, PIXEL_MULTIPLE, Resolution, RESOLUTION_HINT)
 
 
 def size_name(config: Any, folder: str = "") -> str | None:
