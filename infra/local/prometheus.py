@@ -16,11 +16,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
@@ -29,50 +26,14 @@ from typing import Any, Iterator
 
 import yaml
 
+from infra.local.services import free_port, port_open, stop, wait_ready
+
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "monitoring"
 BIN = Path(sys.executable).parent
 PROMETHEUS = os.environ.get("PROMETHEUS_BIN", "/usr/bin/prometheus")
 SD_FILE = "prom_metrics_service_discovery.json"      # Ray's name, under its temp dir
 STALL_EXPR = "(ray_scope_job_last_progress_timestamp_seconds) > 900"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(ready: Any, proc: subprocess.Popen, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            if ready():
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} was not ready within {timeout} s")
-
-
-def _port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.create_connection((host, port), timeout=0.5):
-        return True
-
-
-def stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """SIGTERM to the process group started with `proc`, SIGKILL after a grace period."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(wait_s)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # ------------------------------------------------------------------------------------ Ray
@@ -95,13 +56,13 @@ def ray_head_with_metrics(work: Path, num_cpus: int = 4, report_interval_ms: int
                              f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait(lambda: _port_open(dashboard), proc, "ray dashboard", 120.0)
-        _wait(lambda: (temp / SD_FILE).exists(), proc, "Ray's service discovery file", 60.0)
-        _wait(lambda: _port_open(metrics), proc, "Ray's metrics agent", 60.0)   # and the job agent with it
+        wait_ready(lambda: port_open(dashboard), proc, "ray dashboard", 120.0)
+        wait_ready(lambda: (temp / SD_FILE).exists(), proc, "Ray's service discovery file", 60.0)
+        wait_ready(lambda: port_open(metrics), proc, "Ray's metrics agent", 60.0)   # and the job agent with it
         yield {"address": f"http://127.0.0.1:{dashboard}", "metrics_port": metrics, "temp_dir": temp,
                "sd_file": temp / SD_FILE, "env": env, "ray": str(BIN / "ray"), "pid": proc.pid}
     finally:
-        stop_group(proc)
+        stop(proc)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -188,8 +149,8 @@ def prometheus(head: dict, work: Path, *, scrape_s: float = 1.0, stall_after_s: 
         def ready() -> bool:
             with urllib.request.urlopen(f"{client.url}/-/ready", timeout=2) as reply:
                 return reply.status == 200
-        _wait(ready, proc, "prometheus", 30.0)
+        wait_ready(ready, proc, "prometheus", 30.0)
         yield client
     finally:
-        stop_group(proc)
+        stop(proc)
         log.close()

@@ -11,7 +11,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 BIN = Path(sys.executable).parent
 ENV = {"RAY_AUTH_MODE": "disabled", "AWS_ACCESS_KEY_ID": "local-demo", "AWS_SECRET_ACCESS_KEY": "local-demo-secret"}
@@ -23,24 +23,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float) -> None:
+def wait_ready(ready: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float) -> None:
+    """Poll `ready()` (an OSError counts as not yet) until true; fail if `proc` exits or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            if ready():
                 return
         except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout} s")
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} was not ready within {timeout} s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.create_connection((host, port), timeout=0.5):
+        return True
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float) -> None:
+    wait_ready(lambda: port_open(port), proc, f"{what} on 127.0.0.1:{port}", timeout)
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM to the process group started with `proc`, SIGKILL after a grace period."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
         try:
             os.killpg(proc.pid, sig)
-            proc.wait(grace)
+            proc.wait(wait_s)
             return
         except ProcessLookupError:
             return
