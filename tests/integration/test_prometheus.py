@@ -135,7 +135,9 @@ def test_metrics_alerts_and_dashboard_on_a_real_prometheus(stack, tmp_path):
     _until(lambda: _total(prom, frames_lv) == stats["frames"]
            and _total(prom, 'ray_scope_videos_finished_total{job_kind="dataset"}') == len(done),
            30, "the last exported values")
-    end = time.time()
+    # the range's last grid point must not fall before the scrape that saw the final values
+    # (points are `started + k * step`; one step past now always lands after it)
+    end = time.time() + 1.0
 
     # frames generated grow while the long video runs, and end at what it wrote
     series = prom.query_range(f"sum({frames_lv})", started, end, 1.0)[0]["values"]
